@@ -1,0 +1,63 @@
+# Two set-up commands (README): `make serve` and `make test`. Everything else here is a helper.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# The Triton Python backend stub embeds the OS's libpython3.11: the virtualenv must be made from that
+# interpreter (see stack/triton_launcher.py), not from pyenv/conda builds that may come first on PATH.
+PYTHON_SYS ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/local/bin/python3.11) $(shell command -v python3))
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell md5sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help serve test test-e2e bench lint format system-deps clean
+
+help:
+	@echo "make serve   - install, prepare Gemma 3 270M, start Triton + gateway on CPU (Ctrl-C stops)"
+	@echo "make test    - install and run the test suite"
+	@echo "make test-e2e E2E_BASE_URL=http://host:8080 - run the end-to-end suite against a deployment"
+	@echo "make bench   - benchmarks (writes docs/benchmarks.md)"
+	@echo "make lint    - ruff"
+
+# Debian packages the stack needs; installed when missing and we are root (CI, containers).
+system-deps:
+	@missing=""; \
+	[ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || [ -e /usr/local/lib/libpython3.11.so.1.0 ] || missing="$$missing libpython3.11"; \
+	$(PYTHON_SYS) -c "import ensurepip, venv" 2>/dev/null || missing="$$missing python3.11-venv"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || echo "warning: apt-get failed for$$missing"; \
+	  else echo "warning: missing Debian packages:$$missing (apt-get install them)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@home=$$(sed -n 's/^home = //p' $(VENV)/pyvenv.cfg 2>/dev/null); \
+	if [ -n "$$home" ] && [ "$$home" != "$$(dirname $(PYTHON_SYS))" ]; then \
+	  echo "$(VENV) was made by $$home/python, not $(PYTHON_SYS): recreating"; rm -rf $(VENV); fi
+	@[ -x $(PY) ] || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,build,dev]"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+serve: system-deps $(STAMP)
+	$(PY) -m stack.serve
+
+test: system-deps $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" --timeout=900 $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q -m e2e --timeout=900 tests/test_e2e_gateway.py $(PYTEST_ARGS)
+
+bench: system-deps $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

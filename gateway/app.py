@@ -1,0 +1,210 @@
+"""The FastAPI application: routes, lifecycle and OpenAPI document.
+
+Data flow of `POST /v1/chat/completions`: raw body → validation (jsonschema) → prompt (gemma3_core template)
+→ Triton streams (triton_stream) → JSON body or SSE (chat, sse).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+
+from gateway.chat import ChatService
+from gateway.errors import AUTHENTICATION, ERROR_RESPONSES, APIError, install_error_handlers
+from gateway.metrics import GatewayMetrics, RequestCounterMiddleware
+from gateway.settings import GatewaySettings
+from gateway.triton_stream import GenerationBackend, TritonStreamClient
+from gateway.validation import load_schema
+
+log = logging.getLogger("gateway")
+
+CHAT_PATH = "/v1/chat/completions"
+ROUTES = (CHAT_PATH, "/v1/models", "/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json")
+
+
+class GatewayState:
+    """Per-app resources; created lazily so the app also works without lifespan events (ASGI test clients)."""
+
+    def __init__(
+        self, settings: GatewaySettings, backend: GenerationBackend | None, tokenizer: Any | None = None
+    ) -> None:
+        self.settings = settings
+        self._backend = backend
+        self._tokenizer = tokenizer
+        self.metrics = GatewayMetrics(settings.model_id)
+        self.started = int(time.time())
+        self._chat: ChatService | None = None
+
+    @property
+    def backend(self) -> GenerationBackend:
+        if self._backend is None:
+            s = self.settings
+            self._backend = TritonStreamClient(
+                s.grpc_url, s.triton_model, s.triton_probe_timeout_s, s.request_timeout_s
+            )
+        return self._backend
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or self.settings.tokenizer_dir is not None
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from gemma3_core.tokenizer import load_tokenizer
+
+            assert self.settings.tokenizer_dir is not None
+            self._tokenizer = load_tokenizer(self.settings.tokenizer_dir)
+        return self._tokenizer
+
+    @property
+    def chat(self) -> ChatService:
+        if self._chat is None:
+            loader = self.tokenizer if self.has_tokenizer else None
+            self._chat = ChatService(self.settings, self.backend, self.metrics, loader)
+        return self._chat
+
+
+async def _read_body(request: Request, limit: int) -> None:
+    """Read the body once with a size cap (the chat handler then reads it from the cache)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"Request body exceeds {limit} bytes", code="request_too_large")
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body exceeds {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)
+
+
+def _openapi_with_request_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the chat request schema (the same file the gateway validates with)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = copy.deepcopy(load_schema())
+    components = schema.pop("components", {}).get("schemas", {})
+    schema.pop("$schema", None)
+    all_schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    all_schemas.update(components)
+    all_schemas["ChatCompletionRequest"] = schema
+    app.openapi_schema = doc
+    return doc
+
+
+def create_app(
+    settings: GatewaySettings | None = None,
+    backend: GenerationBackend | None = None,
+    tokenizer: Any | None = None,
+) -> FastAPI:
+    """The gateway app; `backend` and `tokenizer` replace Triton and GATEWAY_TOKENIZER_DIR in tests."""
+    settings = settings or GatewaySettings()
+    state = GatewayState(settings, backend, tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if state.has_tokenizer:
+            state.tokenizer()  # a wrong GATEWAY_TOKENIZER_DIR should stop the start, not the first request
+        ready, reason = await state.backend.ready()
+        log.info("gateway for %s → Triton %s (%s)", settings.model_id, settings.grpc_url, reason)
+        if not ready:
+            log.warning("Triton not ready yet: %s (the gateway keeps retrying per request)", reason)
+        try:
+            yield
+        finally:
+            await state.backend.close()
+
+    app = FastAPI(
+        title="Gemma 3 OpenAI-compatible gateway",
+        version="0.1.0",
+        description="OpenAI Chat Completions in front of Triton + TensorRT-LLM serving Gemma 3.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    install_error_handlers(app)
+    app.add_middleware(RequestCounterMiddleware, metrics=state.metrics, routes=ROUTES)
+    app.openapi = lambda: _openapi_with_request_schema(app)  # type: ignore[method-assign]
+
+    async def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            raise APIError(
+                401,
+                "Incorrect or missing API key",
+                type=AUTHENTICATION,
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    auth = [Depends(require_api_key)]
+
+    @app.post(
+        CHAT_PATH,
+        dependencies=auth,
+        responses={
+            200: {
+                "description": "a `chat.completion` object, or an SSE stream of `chat.completion.chunk`s",
+                "content": {"text/event-stream": {}},
+            },
+            **ERROR_RESPONSES,
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
+                },
+            }
+        },
+        summary="Create a chat completion",
+    )
+    async def chat_completions(request: Request) -> Response:
+        await _read_body(request, settings.max_request_bytes)
+        return await state.chat.handle(request)
+
+    def model_card(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": state.started, "owned_by": "gateway"}
+
+    @app.get("/v1/models", dependencies=auth, summary="List the served model ids")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(m) for m in settings.served_model_ids]}
+
+    @app.get(
+        "/v1/models/{model_id:path}", dependencies=auth, responses=ERROR_RESPONSES, summary="Retrieve a model"
+    )
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id not in settings.served_model_ids:
+            raise APIError(
+                404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
+            )
+        return model_card(model_id)
+
+    @app.get("/health/live", summary="The gateway process is up")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready", summary="Triton is reachable and the ensemble is ready")
+    async def ready() -> JSONResponse:
+        ok, reason = await state.backend.ready()
+        body = {"status": "ready" if ok else "unavailable", "triton": settings.grpc_url, "reason": reason}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

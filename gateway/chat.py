@@ -1,0 +1,377 @@
+"""Chat completion orchestration: validated request → prompt → n Triton streams → one response or SSE stream.
+
+Each choice runs as its own task with its own Triton stream, UTF-8 decoder and stop matcher; the tasks put
+events on one queue, so choices interleave in the order their text arrives. Closing a `Generation`
+cancels the tasks, which closes their Triton streams (the engine stops generating).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway import sse
+from gateway.errors import SERVER_ERROR, TIMEOUT, UNAVAILABLE, APIError, bad_request
+from gateway.metrics import GatewayMetrics
+from gateway.prompt import render_prompt
+from gateway.sampling import SamplingParams, resolve_sampling
+from gateway.settings import GatewaySettings
+from gateway.stop_strings import StopMatcher
+from gateway.triton_stream import GenerationBackend, TritonError
+from gateway.validation import ChatRequest, parse_chat_request
+
+log = logging.getLogger("gateway.chat")
+T = TypeVar("T")
+
+TokenCounter = Callable[[str], Awaitable[int]]
+
+
+def triton_api_error(exc: TritonError) -> APIError:
+    if exc.kind == "unavailable":
+        return APIError(
+            503, exc.message, type=UNAVAILABLE, code="triton_unavailable", headers={"Retry-After": "5"}
+        )
+    if exc.kind == "timeout":
+        return APIError(504, exc.message, type=TIMEOUT, code="timeout")
+    return APIError(500, f"Inference failed: {exc.message[:500]}", type=SERVER_ERROR, code="inference_error")
+
+
+@dataclass
+class ChatContext:
+    request: ChatRequest
+    prompt: str
+    prompt_tokens: int | None  # gateway's own count (None without a tokenizer)
+    sampling: SamplingParams
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Choice:
+    index: int
+    stops: StopMatcher
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    parts: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    tokens_reported: bool = False
+    finish_reason: str | None = None
+    last_delta_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+# Queue events: (kind, choice index, payload) with kind "delta" (str), "finish" (str) or "error" (APIError).
+Event = tuple[str, int, Any]
+
+
+class Generation:
+    """The n concurrent Triton streams of one chat completion."""
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        ctx: ChatContext,
+        metrics: GatewayMetrics,
+        timeout_s: float,
+        count_tokens: TokenCounter | None = None,
+    ) -> None:
+        self.backend = backend
+        self.ctx = ctx
+        self.metrics = metrics
+        self.count_tokens = count_tokens
+        self.deadline = time.monotonic() + timeout_s
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.choices = [_Choice(i, StopMatcher(ctx.sampling.stop)) for i in range(ctx.request.n)]
+        self.prompt_tokens: int | None = None
+        self.unfinished = len(self.choices)
+        self.done = False  # the stream/reply ran to its end (all choices finished, or an error was reported)
+        self._closed = False
+        self._tasks = [asyncio.create_task(self._run(choice)) for choice in self.choices]
+        metrics.in_flight.labels(metrics.model).inc()
+
+    # --- producing ---------------------------------------------------------------------------
+    def _emit(self, choice: _Choice, text: str) -> None:
+        now = time.monotonic()
+        if choice.last_delta_at is None:
+            self.metrics.ttft.labels(self.metrics.model).observe(now - self.ctx.arrival)
+        else:
+            self.metrics.itl.labels(self.metrics.model).observe(now - choice.last_delta_at)
+        choice.last_delta_at = now
+        choice.parts.append(text)
+        self.queue.put_nowait(("delta", choice.index, text))
+
+    async def _run(self, choice: _Choice) -> None:
+        values = self.ctx.sampling.triton_inputs(choice.index)
+        request_id = f"{self.ctx.id}-{choice.index}"
+        try:
+            async with contextlib.aclosing(
+                self.backend.generate(self.ctx.prompt, values, request_id)
+            ) as stream:
+                async for response in stream:
+                    if response.num_input_tokens is not None and self.prompt_tokens is None:
+                        self.prompt_tokens = response.num_input_tokens
+                    if response.num_output_tokens is not None:
+                        choice.tokens_reported = True
+                        choice.completion_tokens += response.num_output_tokens
+                    text = choice.stops.feed(choice.decoder.decode(response.text, final=response.final))
+                    if response.final:
+                        text += choice.stops.flush()
+                    if text:
+                        self._emit(choice, text)
+                    if choice.stops.stopped or response.final:
+                        break  # leaving the `async with` cancels the Triton request if it is still running
+            if not choice.tokens_reported and self.count_tokens is not None:
+                choice.completion_tokens = await self.count_tokens(choice.text)
+            hit_limit = choice.completion_tokens >= self.ctx.sampling.max_tokens
+            choice.finish_reason = "length" if hit_limit and not choice.stops.stopped else "stop"
+            self.queue.put_nowait(("finish", choice.index, choice.finish_reason))
+        except asyncio.CancelledError:
+            raise
+        except TritonError as exc:
+            self.queue.put_nowait(("error", choice.index, triton_api_error(exc)))
+        except APIError as exc:
+            self.queue.put_nowait(("error", choice.index, exc))
+        except Exception:
+            log.exception("choice %d of %s failed", choice.index, self.ctx.id)
+            error = APIError(500, "Internal server error", type=SERVER_ERROR, code="internal_error")
+            self.queue.put_nowait(("error", choice.index, error))
+
+    # --- consuming ---------------------------------------------------------------------------
+    async def next_event(self) -> Event:
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            event = await asyncio.wait_for(self.queue.get(), remaining)
+        except asyncio.TimeoutError:
+            raise APIError(
+                504, "The request exceeded the gateway's timeout", type=TIMEOUT, code="timeout"
+            ) from None
+        if event[0] == "finish":
+            self.unfinished -= 1
+            self.metrics.finished.labels(self.metrics.model, event[2]).inc()
+        return event
+
+    def usage(self) -> dict[str, int]:
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else (self.ctx.prompt_tokens or 0)
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def close(self) -> None:
+        """Cancel what is still running and book the request's metrics (idempotent, synchronous)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        m, model = self.metrics, self.metrics.model
+        m.in_flight.labels(model).dec()
+        usage = self.usage()
+        m.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
+        m.completion_tokens.labels(model).inc(usage["completion_tokens"])
+        m.e2e.labels(model).observe(time.monotonic() - self.ctx.arrival)
+
+    async def collect(self, first: Event | None = None) -> dict[str, Any]:
+        """Wait for all choices and build the non-streamed `chat.completion` body."""
+        event = first
+        while self.unfinished:
+            if event is None:
+                event = await self.next_event()
+            if event[0] == "error":
+                raise event[2]
+            event = None
+        return {
+            "id": self.ctx.id,
+            "object": "chat.completion",
+            "created": self.ctx.created,
+            "model": self.ctx.request.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ],
+            "usage": self.usage(),
+        }
+
+    async def stream(self, first: Event) -> AsyncIterator[bytes]:
+        factory = sse.ChunkFactory(
+            self.ctx.id, self.ctx.created, self.ctx.request.model, self.ctx.request.include_usage
+        )
+        try:
+            for choice in self.choices:
+                yield factory.role(choice.index)
+            event = first
+            while True:
+                kind, index, payload = event
+                if kind == "delta":
+                    yield factory.content(index, payload)
+                elif kind == "finish":
+                    yield factory.finish(index, payload)
+                    if not self.unfinished:
+                        break
+                else:
+                    yield sse.error_event(payload.body())
+                    break
+                try:
+                    event = await self.next_event()
+                except APIError as exc:
+                    yield sse.error_event(exc.body())
+                    break
+            if not self.unfinished and factory.include_usage:
+                yield factory.usage(self.usage())
+            self.done = True
+            yield sse.DONE
+        finally:
+            self.close()
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` unless the client goes away first (then it is cancelled)."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()
+        watcher.cancel()
+    if work.done() and not work.cancelled():
+        return work.result()
+    raise ClientDisconnected
+
+
+class GenerationStreamingResponse(StreamingResponse):
+    """Closes the generation however the response ends (done, client gone, server shutdown)."""
+
+    def __init__(self, generation: Generation, first: Event) -> None:
+        super().__init__(
+            generation.stream(first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.generation.done:
+                self.generation.metrics.disconnects.labels(self.generation.metrics.model).inc()
+            self.generation.close()
+
+
+class ChatService:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        backend: GenerationBackend,
+        metrics: GatewayMetrics,
+        tokenizer_loader: Callable[[], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self._tokenizer_loader = tokenizer_loader
+
+    async def _encode_len(self, text: str) -> int | None:
+        if self._tokenizer_loader is None:
+            return None
+        from gemma3_core.tokenizer import encode
+
+        tokenizer = self._tokenizer_loader()
+        return len(await asyncio.to_thread(encode, tokenizer, text))
+
+    async def _count_tokens(self, text: str) -> int:
+        return (await self._encode_len(text)) or 0
+
+    async def prepare(self, raw: bytes) -> ChatContext:
+        """Validate, render and size the request; every failure is an `APIError` (4xx)."""
+        request = parse_chat_request(raw, self.settings)
+        prompt = render_prompt(request.messages)
+        prompt_tokens = await self._encode_len(prompt)
+        limit = self.settings.max_model_len
+        if request.max_tokens is not None and request.max_tokens > limit:
+            raise bad_request(
+                f"{request.max_tokens_param} is {request.max_tokens}, above this model's context length of "
+                f"{limit} tokens",
+                request.max_tokens_param,
+                "context_length_exceeded",
+            )
+        if prompt_tokens is None:
+            max_tokens = request.max_tokens or self.settings.default_max_tokens
+        else:
+            if prompt_tokens >= limit:
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. However, your messages "
+                    f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+                    "messages",
+                    "context_length_exceeded",
+                )
+            if request.max_tokens is not None and prompt_tokens + request.max_tokens > limit:
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the messages, "
+                    f"{request.max_tokens} in the completion). Please reduce the length of the messages "
+                    "or completion.",
+                    request.max_tokens_param,
+                    "context_length_exceeded",
+                )
+            max_tokens = request.max_tokens or min(self.settings.default_max_tokens, limit - prompt_tokens)
+        sampling = resolve_sampling(request, self.settings, max_tokens)
+        return ChatContext(request=request, prompt=prompt, prompt_tokens=prompt_tokens, sampling=sampling)
+
+    async def handle(self, http_request: Request) -> Response:
+        raw = await http_request.body()
+        ctx = await self.prepare(raw)
+        count = self._count_tokens if self._tokenizer_loader is not None else None
+        generation = Generation(self.backend, ctx, self.metrics, self.settings.request_timeout_s, count)
+        try:
+            # Wait for the first event before answering, so a Triton outage is a real HTTP 503
+            # rather than an error inside a 200 stream.
+            first = await until_disconnect(http_request, generation.next_event())
+            if first[0] == "error":
+                raise first[2]
+            if ctx.request.stream:
+                return GenerationStreamingResponse(generation, first)
+            body = await until_disconnect(http_request, generation.collect(first))
+            generation.close()
+            return JSONResponse(body)
+        except ClientDisconnected:
+            self.metrics.disconnects.labels(self.metrics.model).inc()
+            generation.close()
+            return Response(status_code=499)  # nobody reads it; keeps the access log honest
+        except BaseException:
+            generation.close()
+            raise

@@ -1,0 +1,52 @@
+"""OpenAI messages → the Gemma 3 prompt, via the shared template (gemma3_core.chat_template).
+
+The gateway only adapts the message shape: `developer` is OpenAI's new name for `system`, and content
+parts are reduced to what the template knows (`text`, `image`). The template decides the rest and its
+rejections (role alternation, bad content) become 400s naming the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import bad_request
+from gemma3_core.chat_template import TemplateError, render_chat
+
+
+def _content(content: Any, param: str, images_enabled: bool) -> Any:
+    if not isinstance(content, list):
+        return content
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            if not images_enabled:
+                raise bad_request(
+                    "images are not enabled on this deployment", f"{param}[{j}]", "unsupported_content"
+                )
+            # The template only emits <start_of_image> for {"type": "image"}; image_url parts vanish.
+            parts.append({"type": "image"})
+    return parts
+
+
+def template_messages(messages: list[dict[str, Any]], images_enabled: bool = False) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role = "system" if message["role"] == "developer" else message["role"]
+        converted = {
+            "role": role,
+            "content": _content(message.get("content"), f"messages[{i}].content", images_enabled),
+        }
+        if message.get("tool_calls"):
+            converted["tool_calls"] = message["tool_calls"]
+        out.append(converted)
+    return out
+
+
+def render_prompt(messages: list[dict[str, Any]], images_enabled: bool = False) -> str:
+    try:
+        return render_chat(template_messages(messages, images_enabled), add_generation_prompt=True)
+    except TemplateError as exc:
+        raise bad_request(exc.message, exc.param or "messages", "invalid_conversation") from None

@@ -1,0 +1,82 @@
+"""OpenAI sampling parameters → the ensemble's optional input tensors, with the gateway's policies.
+
+Policies (also in docs/gateway.md):
+- greedy: `temperature` 0 (below 1e-5), `top_p` 0 or `top_k` 1 all mean greedy decoding, sent as
+  `top_k=1, top_p=1, temperature=1` (argmax on every engine; some engines reject temperature 0 or treat
+  top_p 0 as "unset").
+- `n > 1` with greedy is allowed and returns n identical choices (OpenAI accepts it; vLLM rejects it).
+- fields left out take the deployment defaults (Gemma 3's generation_config: top_k 64, top_p 0.95,
+  temperature 1.0); `top_k` 0 or -1 disables top-k.
+- every choice gets a seed: `seed + i` (mod 2^64) when the request has a seed, otherwise a random one
+  (TensorRT-LLM's default seed is a constant, so n unseeded choices would otherwise be identical).
+- penalties are sent only when given (the engine's neutral defaults apply otherwise).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.settings import GatewaySettings
+from gateway.validation import ChatRequest
+
+GREEDY_TEMPERATURE = 1e-5
+UINT64_MOD = 1 << 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    greedy: bool
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+
+    def choice_seed(self, index: int) -> int:
+        if self.seed is None:
+            return secrets.randbits(63)
+        return (self.seed + index) % UINT64_MOD
+
+    def triton_inputs(self, index: int) -> dict[str, Any]:
+        """Values for the ensemble inputs of choice `index` (names per docs/architecture.md)."""
+        values: dict[str, Any] = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.choice_seed(index),
+        }
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        if self.stop:
+            values["stop_words"] = list(self.stop)
+        return values
+
+
+def resolve_sampling(request: ChatRequest, settings: GatewaySettings, max_tokens: int) -> SamplingParams:
+    temperature = settings.default_temperature if request.temperature is None else request.temperature
+    top_p = settings.default_top_p if request.top_p is None else request.top_p
+    top_k = settings.default_top_k if request.top_k is None else max(request.top_k, 0)
+    greedy = temperature < GREEDY_TEMPERATURE or top_p == 0 or top_k == 1
+    if greedy:
+        temperature, top_p, top_k = 1.0, 1.0, 1
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        greedy=greedy,
+        seed=None if request.seed is None else request.seed % UINT64_MOD,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        stop=tuple(request.stop),
+    )

@@ -1,0 +1,64 @@
+"""Server-sent events in the shape OpenAI clients parse: `data: <json>\\n\\n` chunks, then `data: [DONE]`.
+
+Per choice: a first chunk `delta: {"role": "assistant", "content": ""}`, content deltas, one chunk with
+`finish_reason`. With `stream_options.include_usage` every chunk carries `"usage": null` and a last chunk
+with `choices: []` carries the totals (only then: naive clients crash on an empty `choices`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+
+
+def encode_event(payload: dict[str, Any]) -> bytes:
+    return (
+        b"data: "
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+        + b"\n\n"
+    )
+
+
+@dataclass(frozen=True)
+class ChunkFactory:
+    id: str
+    created: int
+    model: str
+    include_usage: bool = False
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _choice(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def role(self, index: int) -> bytes:
+        return encode_event(self._chunk([self._choice(index, {"role": "assistant", "content": ""})]))
+
+    def content(self, index: int, text: str) -> bytes:
+        return encode_event(self._chunk([self._choice(index, {"content": text})]))
+
+    def finish(self, index: int, reason: str) -> bytes:
+        return encode_event(self._chunk([self._choice(index, {}, reason)]))
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        chunk = self._chunk([])
+        chunk["usage"] = usage
+        return encode_event(chunk)
+
+
+def error_event(body: dict[str, Any]) -> bytes:
+    """A mid-stream failure: `data: {"error": {...}}` (the caller then sends `data: [DONE]`)."""
+    return encode_event(body)

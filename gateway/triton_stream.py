@@ -1,0 +1,280 @@
+"""One shared `tritonclient.grpc.aio` client: readiness, the ensemble's input spec, and streamed generation.
+
+Each generation is its own bidirectional `ModelStreamInfer` call carrying one request. The request side
+stays open until the final response arrives (Triton sends `triton_final_response`; empty final responses
+are enabled so the end is always marked), and closing the generator cancels the RPC — Triton then
+cancels the request and the engine stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferInput, InferResult, model_config_pb2
+from tritonclient.grpc import aio as grpcclient
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+log = logging.getLogger("gateway.triton")
+
+# Datatypes per docs/architecture.md, used only if the deployed config cannot be read.
+CONTRACT_DTYPES: dict[str, str] = {
+    "text_input": "BYTES",
+    "max_tokens": "INT32",
+    "stream": "BOOL",
+    "temperature": "FP32",
+    "top_p": "FP32",
+    "top_k": "INT32",
+    "seed": "UINT64",
+    "presence_penalty": "FP32",
+    "frequency_penalty": "FP32",
+    "repetition_penalty": "FP32",
+    "stop_words": "BYTES",
+    "bad_words": "BYTES",
+    "return_num_input_tokens": "BOOL",
+    "return_num_output_tokens": "BOOL",
+}
+REQUIRED_INPUTS = ("text_input", "max_tokens")
+LIST_INPUTS = frozenset({"stop_words", "bad_words"})
+
+
+class TritonError(Exception):
+    """A Triton failure, classified so the HTTP layer can answer 503/504/500."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "unavailable" | "timeout" | "engine"
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    datatype: str  # Triton wire datatype: "FP32", "BYTES", ...
+    optional: bool
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    inputs: Mapping[str, InputSpec]
+    max_batch_size: int
+
+    def accepts(self, name: str) -> bool:
+        return name in self.inputs
+
+
+@dataclass(frozen=True)
+class TritonResponse:
+    text: bytes  # exact UTF-8 bytes of this response's tokens (a character may be split across responses)
+    num_input_tokens: int | None
+    num_output_tokens: int | None
+    final: bool
+
+
+class GenerationBackend(Protocol):
+    """What the chat layer needs from Triton (a fake implements it in unit tests)."""
+
+    url: str
+
+    async def ready(self) -> tuple[bool, str]: ...
+
+    async def model_spec(self) -> ModelSpec: ...
+
+    def generate(
+        self, prompt: str, values: Mapping[str, Any], request_id: str
+    ) -> AsyncIterator[TritonResponse]: ...
+
+    async def close(self) -> None: ...
+
+
+def _wire_dtype(data_type: int) -> str:
+    name = model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+def _first_int(result: InferResult, name: str) -> int | None:
+    array = result.as_numpy(name)
+    if array is None or array.size == 0:
+        return None
+    return int(array.reshape(-1)[0])
+
+
+def parse_result(result: InferResult) -> TritonResponse:
+    text = b""
+    array = result.as_numpy("text_output")
+    if array is not None:
+        text = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1))
+    params = result.get_response().parameters
+    final = "triton_final_response" in params and params["triton_final_response"].bool_param
+    return TritonResponse(
+        text=text,
+        num_input_tokens=_first_int(result, "num_input_tokens"),
+        num_output_tokens=_first_int(result, "num_output_tokens"),
+        final=bool(final),
+    )
+
+
+def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> list[InferInput]:
+    """Tensors for one request; inputs the deployed ensemble does not declare are left out."""
+    wanted: dict[str, Any] = {
+        "text_input": prompt,
+        "stream": True,  # the ensemble is decoupled: always stream over gRPC, even for non-streamed replies
+        "exclude_input_in_output": True,
+        "return_num_input_tokens": True,
+        "return_num_output_tokens": True,
+        **values,
+    }
+    missing = [name for name in REQUIRED_INPUTS if name not in spec.inputs]
+    if missing:
+        raise TritonError("engine", f"the Triton model lacks required inputs {missing}")
+    batch = [1] if spec.max_batch_size > 0 else []
+    inputs: list[InferInput] = []
+    for name, value in wanted.items():
+        input_spec = spec.inputs.get(name)
+        if input_spec is None:
+            continue
+        items: Sequence[Any] = value if name in LIST_INPUTS else [value]
+        dtype = input_spec.datatype
+        if dtype == "BYTES":
+            data = np.array([str(v).encode("utf-8") for v in items], dtype=np.object_)
+        else:
+            data = np.array(items, dtype=triton_to_np_dtype(dtype))
+        data = data.reshape([*batch, len(items)])
+        tensor = InferInput(name, list(data.shape), dtype)
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    return inputs
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, url: str) -> TritonError:
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TritonError("timeout", "the request exceeded the gateway's timeout")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return TritonError("unavailable", f"Triton at {url} is unreachable ({code.name.lower()})")
+    return TritonError("engine", f"Triton error {code.name}: {exc.details()}")
+
+
+def _server_error(exc: InferenceServerException, url: str) -> TritonError:
+    status = str(exc.status() or "")
+    message = str(exc.message() or exc)
+    if any(s in status for s in ("UNAVAILABLE", "DEADLINE", "NOT_FOUND")):
+        return TritonError("unavailable", f"Triton at {url} is unreachable or the model is not loaded")
+    if "unknown model" in message.lower() or "is not ready" in message.lower():
+        return TritonError("unavailable", f"Triton at {url}: the model is not ready ({message[:200]})")
+    return TritonError("engine", f"Triton error: {message}")
+
+
+class TritonStreamClient:
+    def __init__(self, url: str, model: str, probe_timeout_s: float = 3.0, request_timeout_s: float = 600.0):
+        self.url = url
+        self.model = model
+        self.probe_timeout_s = probe_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self._spec: ModelSpec | None = None
+        self._spec_lock = asyncio.Lock()
+        keepalive = grpcclient.KeepAliveOptions()
+        self._client = grpcclient.InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                # gRPC backs off up to 120 s between reconnects by default; cap it so the gateway
+                # notices a restarted Triton within a couple of seconds.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.min_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> tuple[bool, str]:
+        """(ready, reason): Triton answers and the ensemble is ready. Refreshes the cached spec on success."""
+        try:
+            live = await self._client.is_server_ready(client_timeout=self.probe_timeout_s)
+            if not live:
+                return False, f"Triton at {self.url} is not ready"
+            if not await self._client.is_model_ready(self.model, client_timeout=self.probe_timeout_s):
+                self._spec = None
+                return False, f"Triton model '{self.model}' is not ready"
+            if self._spec is None:
+                await self.model_spec()
+            return True, "ready"
+        except Exception as exc:  # a probe answers, it never raises
+            self._spec = None
+            return False, f"Triton at {self.url} is unreachable: {exc}"
+
+    async def model_spec(self) -> ModelSpec:
+        """The ensemble's declared inputs, read once per Triton (re)start."""
+        if self._spec is not None:
+            return self._spec
+        async with self._spec_lock:
+            if self._spec is None:
+                try:
+                    response = await self._client.get_model_config(
+                        self.model, client_timeout=self.probe_timeout_s
+                    )
+                except InferenceServerException as exc:
+                    raise _server_error(exc, self.url) from None
+                config = response.config
+                inputs = {
+                    i.name: InputSpec(i.name, _wire_dtype(i.data_type), bool(i.optional))
+                    for i in config.input
+                }
+                self._spec = ModelSpec(inputs=inputs, max_batch_size=int(config.max_batch_size))
+                log.info("Triton model %s inputs: %s", self.model, ", ".join(sorted(inputs)))
+            return self._spec
+
+    def forget_spec(self) -> None:
+        self._spec = None
+
+    async def generate(
+        self, prompt: str, values: Mapping[str, Any], request_id: str
+    ) -> AsyncIterator[TritonResponse]:
+        """Stream one request's responses; the last one yielded has `final=True`.
+
+        Use with `contextlib.aclosing`: closing the generator early cancels the Triton request.
+        """
+        spec = await self.model_spec()
+        inputs = build_inputs(spec, prompt, values)
+        finished = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": self.model,
+                "inputs": inputs,
+                "request_id": request_id,
+                "parameters": {"triton_enable_empty_final_response": True},
+            }
+            # Keep our side of the stream open: a half-closed stream could end before the last response.
+            await finished.wait()
+
+        stream = self._client.stream_infer(requests(), stream_timeout=self.request_timeout_s)
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise _server_error(error, self.url)
+                response = parse_result(result)
+                yield response
+                if response.final:
+                    return
+            raise TritonError("engine", "Triton closed the stream before the final response")
+        except grpc.aio.AioRpcError as exc:
+            err = _rpc_error(exc, self.url)
+            if err.kind == "unavailable":
+                self._spec = None  # Triton may come back with another config
+            raise err from None
+        finally:
+            finished.set()
+            stream.cancel()  # no-op after a normal end; otherwise Triton cancels the request

@@ -1,0 +1,291 @@
+"""Request validation: JSON parsing, the jsonschema check, and the rules a schema cannot express.
+
+Every violation becomes an `APIError(400)` whose `param` is the offending field as clients name it
+(`temperature`, `messages[0].role`, `tools[1].function.name`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft7Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from gateway.errors import APIError, bad_request
+from gateway.settings import GatewaySettings
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "chat_request.schema.json"
+_MAX_MESSAGE_CHARS = 300  # jsonschema messages quote the instance; a 1 MB string must not come back
+
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    with SCHEMA_PATH.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+@functools.cache
+def _validator() -> Draft7Validator:
+    # No format checker: `format: uri` stays an annotation (data: URLs and odd-but-valid URLs are the
+    # image fetcher's business, not the schema's).
+    return Draft7Validator(load_schema())
+
+
+def param_path(path: Iterable[str | int]) -> str | None:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def _where(err: ValidationError) -> list[str | int]:
+    """The instance path the error is about; a missing property counts as part of the path."""
+    path = list(err.absolute_path)
+    if err.validator == "required" and isinstance(err.instance, dict):
+        missing = next((p for p in err.validator_value if p not in err.instance), None)
+        if missing is not None:
+            path.append(missing)
+    return path
+
+
+def _most_specific(err: ValidationError) -> ValidationError:
+    # anyOf/oneOf report one error per branch. Go down only when a branch failed deeper in the instance
+    # (e.g. `stop[1]` too short); errors at the same spot ("not null", "not a string") just confuse.
+    while err.context:
+        deeper = [e for e in err.context if len(_where(e)) > len(err.absolute_path)]
+        if not deeper:
+            break
+        err = best_match(deeper)
+    return err
+
+
+def _expected_types(err: ValidationError) -> list[str]:
+    types: list[str] = []
+    for branch in err.context or []:
+        if branch.validator == "type":
+            value = branch.validator_value
+            types.extend(value if isinstance(value, list) else [value])
+        elif branch.validator in ("enum", "const"):
+            values = branch.validator_value if branch.validator == "enum" else [branch.validator_value]
+            types.extend(json.dumps(v) for v in values)
+    return list(dict.fromkeys(types))
+
+
+def _describe(err: ValidationError) -> tuple[str, str | None]:
+    param = param_path(_where(err))
+    if err.validator in ("anyOf", "oneOf"):
+        expected = _expected_types(err)
+        shown = json.dumps(err.instance)[:80] if _is_small(err.instance) else type(err.instance).__name__
+        message = f"{shown} is not valid here" + (f"; expected {', '.join(expected)}" if expected else "")
+    else:
+        message = err.message
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + "…"
+    if param:
+        message = f"Invalid value for '{param}': {message}"
+    return message, param
+
+
+def _is_small(value: Any) -> bool:
+    return (
+        value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) < 80)
+    )
+
+
+def schema_error(body: Any) -> APIError | None:
+    """The most relevant schema violation of `body`, or None when it conforms."""
+    error = best_match(_validator().iter_errors(body))
+    if error is None:
+        return None
+    message, param = _describe(_most_specific(error))
+    return bad_request(message, param, code="invalid_value" if param else "invalid_request")
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity; JSON does not, and a NaN temperature must not reach the engine.
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = str(exc)[:_MAX_MESSAGE_CHARS]
+        raise bad_request(f"Request body is not valid JSON: {detail}", None, code="invalid_json") from None
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request, with defaults resolved and every field typed."""
+
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+def _opt_float(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    return None if value is None else float(value)
+
+
+def _opt_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    return None if value is None else int(value)
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools") or []
+    names = {t["function"]["name"] for t in tools}
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        if name not in names:
+            raise bad_request(
+                f"tool_choice names function '{name}', which is not in `tools`",
+                "tool_choice",
+                "invalid_value",
+            )
+    elif choice == "required" and not tools:
+        raise bad_request(
+            "tool_choice 'required' needs a non-empty `tools` list", "tool_choice", "invalid_value"
+        )
+
+    # A tool result must answer a call the assistant made earlier in the conversation.
+    seen_ids: set[str] = set()
+    for i, message in enumerate(body["messages"]):
+        if message["role"] == "assistant":
+            seen_ids.update(call["id"] for call in message.get("tool_calls") or [])
+        elif message["role"] == "tool" and message["tool_call_id"] not in seen_ids:
+            raise bad_request(
+                f"messages[{i}] answers tool_call_id '{message['tool_call_id']}', which no earlier "
+                "assistant message's tool_calls contains",
+                f"messages[{i}].tool_call_id",
+                "invalid_value",
+            )
+
+
+def _invalid_unicode(value: Any, path: list[str | int]) -> list[str | int] | None:
+    """Path of the first string holding a lone surrogate (JSON allows "\\ud800"; UTF-8 cannot carry it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _invalid_unicode(item, [*path, str(key)])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _invalid_unicode(item, [*path, i])
+            if found is not None:
+                return found
+    return None
+
+
+# Fields whose strings reach the prompt, the engine or an error message.
+_TEXT_FIELDS = ("model", "messages", "stop", "tools", "tool_choice", "response_format", "user")
+
+
+def parse_chat_request(raw: bytes, settings: GatewaySettings) -> ChatRequest:
+    body = parse_json(raw)
+    error = schema_error(body)
+    if error is not None:
+        raise error
+    assert isinstance(body, dict)
+    for key in _TEXT_FIELDS:
+        bad = _invalid_unicode(body.get(key), [key])
+        if bad is not None:
+            raise bad_request(
+                "String contains a lone surrogate (not valid Unicode)", param_path(bad), "invalid_value"
+            )
+
+    model = body.get("model") or settings.model_id
+    if model not in settings.served_model_ids:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist. Available: {', '.join(settings.served_model_ids)}",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+
+    stream = bool(body.get("stream"))
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not stream:
+        # OpenAI, vLLM and TensorRT-LLM all reject this; silently ignoring it hides a client bug.
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+    n = _opt_int(body, "n") or 1
+    if n > settings.max_n:
+        raise bad_request(f"n must be at most {settings.max_n} on this deployment", "n", "invalid_value")
+
+    # Features that would change the response's meaning if silently dropped.
+    if body.get("logprobs"):
+        raise bad_request(
+            "logprobs are not supported by this deployment", "logprobs", "unsupported_parameter"
+        )
+    if body.get("top_logprobs"):
+        raise bad_request(
+            "top_logprobs is not supported by this deployment", "top_logprobs", "unsupported_parameter"
+        )
+    if body.get("logit_bias"):
+        raise bad_request(
+            "logit_bias is not supported by this deployment", "logit_bias", "unsupported_parameter"
+        )
+
+    _check_tools(body)
+
+    # max_completion_tokens supersedes the deprecated max_tokens when both are sent.
+    max_tokens_param = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else list(dict.fromkeys(stop or []))
+
+    return ChatRequest(
+        body=body,
+        model=model,
+        messages=body["messages"],
+        n=n,
+        stream=stream,
+        include_usage=bool(stream and stream_options and stream_options.get("include_usage")),
+        max_tokens=_opt_int(body, max_tokens_param),
+        max_tokens_param=max_tokens_param,
+        temperature=_opt_float(body, "temperature"),
+        top_p=_opt_float(body, "top_p"),
+        top_k=_opt_int(body, "top_k"),
+        seed=_opt_int(body, "seed"),
+        presence_penalty=_opt_float(body, "presence_penalty"),
+        frequency_penalty=_opt_float(body, "frequency_penalty"),
+        repetition_penalty=_opt_float(body, "repetition_penalty"),
+        stop=stops,
+        tools=body.get("tools"),
+        tool_choice=body.get("tool_choice"),
+        response_format=body.get("response_format"),
+    )

@@ -1,0 +1,859 @@
+"""Hugging Face PEFT LoRA adapters → TensorRT-LLM `lora_weights` / `lora_config`, and back into torch.
+
+One place for the LoRA knowledge shared by the build (`build_engine.lora_convert`), the gateway
+(`LoraRegistry`) and the CPU reference engine (`from_trtllm_tensors` + `LoraHooks`). The layout facts and
+where they were confirmed in TensorRT-LLM are in docs/lora.md.
+
+Layout (TensorRT-LLM C++ runtime, `LoraCache::copyToPages` / `loraUtils.cpp`):
+  * `lora_config` row = `[module_id, layer_idx, adapter_size]` (INT32; a 4th `is_dora` column is accepted
+    by newer runtimes, we never emit it),
+  * `lora_weights` row = `in.ravel() ++ out.ravel()` zero-padded to the longest row, where `in` = PEFT
+    `lora_A.weight` `[r, in_dim]` and `out` = PEFT `lora_B.weight * scaling` `[out_dim, r]` (the PEFT
+    scaling `alpha/r` or `alpha/sqrt(r)` is folded into `out`; the runtime applies no extra scale),
+  * request tensors carry a leading batch dim of 1: `[1, rows, len]` and `[1, rows, 3]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gemma3_core.constants import TextArch
+
+if TYPE_CHECKING:  # torch is only needed by the CPU reference engine (LoraHooks)
+    import torch
+
+log = logging.getLogger(__name__)
+
+# --- TensorRT-LLM module vocabulary ---------------------------------------------------------------
+# `LoraModule::ModuleType` (cpp/include/tensorrt_llm/runtime/loraModule.h) == `LoraManager.LORA_MODULE_IDS`.
+TRTLLM_MODULE_IDS: dict[str, int] = {
+    "attn_qkv": 0,
+    "attn_q": 1,
+    "attn_k": 2,
+    "attn_v": 3,
+    "attn_dense": 4,
+    "mlp_h_to_4h": 5,
+    "mlp_4h_to_h": 6,
+    "mlp_gate": 7,
+    "cross_attn_qkv": 8,
+    "cross_attn_q": 9,
+    "cross_attn_k": 10,
+    "cross_attn_v": 11,
+    "cross_attn_dense": 12,
+    "moe_h_to_4h": 13,
+    "moe_4h_to_h": 14,
+    "moe_gate": 15,
+    "moe_router": 16,
+    "mlp_router": 17,
+    "mlp_gate_up": 18,
+}
+
+# HF Gemma 3 projection → TensorRT-LLM LoRA slot. The Gemma converter loads `gate_proj` into the GatedMLP's
+# `fc` (the activated branch, LoRA slot mlp_h_to_4h) and `up_proj` into its `gate` (slot mlp_gate); the
+# names look swapped but this is what `hf_lora_convert.py` and `get_default_trtllm_modules_to_hf_modules`
+# use too.
+HF_TO_TRTLLM: dict[str, str] = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_dense",
+    "gate_proj": "mlp_h_to_4h",
+    "up_proj": "mlp_gate",
+    "down_proj": "mlp_4h_to_h",
+}
+HF_MODULE_IDS: dict[str, int] = {hf: TRTLLM_MODULE_IDS[t] for hf, t in HF_TO_TRTLLM.items()}
+MODULE_ID_TO_HF: dict[int, str] = {i: hf for hf, i in HF_MODULE_IDS.items()}
+TRTLLM_TO_HF: dict[str, str] = {t: hf for hf, t in HF_TO_TRTLLM.items()}
+# Which decoder-layer submodule holds each projection (HF Gemma 3 module tree).
+HF_PARENT: dict[str, str] = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+HF_MODULE_ORDER: tuple[str, ...] = tuple(sorted(HF_MODULE_IDS, key=HF_MODULE_IDS.__getitem__))
+
+CONFIG_ROW_SIZE = 3
+CONFIG_ROW_SIZE_WITH_DORA = 4  # newer runtimes: [module_id, layer_idx, adapter_size, is_dora]
+
+_CACHE_MISS_RE = re.compile(r"LoRA task \d+ not found in cache\. Please send LoRA weights with request")
+
+
+def cache_miss_message(task_id: int) -> str:
+    """The exact text TensorRT-LLM's PeftCacheManager raises (the CPU reference engine raises it too)."""
+    return f"LoRA task {task_id} not found in cache. Please send LoRA weights with request"
+
+
+def is_cache_miss_error(message: str) -> bool:
+    """True when an engine error means "resend this request with lora_weights + lora_config"."""
+    return bool(_CACHE_MISS_RE.search(message or ""))
+
+
+class LoraError(ValueError):
+    """An adapter or a LoRA tensor pair that cannot be served (message is safe to show to the client)."""
+
+
+class LoraTaskNotCachedError(LoraError):
+    """Raised by the CPU reference engine when a task id arrives without weights and is not cached."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__(cache_miss_message(task_id))
+        self.task_id = task_id
+
+
+class UnknownAdapterError(KeyError):
+    """`model` names an adapter that is not configured (the gateway answers 404)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"The model `{self.name}` does not exist."
+
+
+# --- dimensions -----------------------------------------------------------------------------------
+def module_dims(
+    hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> dict[str, tuple[int, int]]:
+    """HF projection name → (in_dim, out_dim) of its Linear (Gemma 3: q width ≠ hidden in general)."""
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
+    return {
+        "q_proj": (hidden_size, q),
+        "k_proj": (hidden_size, kv),
+        "v_proj": (hidden_size, kv),
+        "o_proj": (q, hidden_size),
+        "gate_proj": (hidden_size, intermediate_size),
+        "up_proj": (hidden_size, intermediate_size),
+        "down_proj": (intermediate_size, hidden_size),
+    }
+
+
+def module_dims_from_arch(arch: TextArch) -> dict[str, tuple[int, int]]:
+    return module_dims(
+        arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    )
+
+
+# --- reading PEFT adapters ------------------------------------------------------------------------
+_ST_DTYPES: dict[str, str] = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "<u2",  # widened to float32 below
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read a .safetensors file with numpy only (the gateway image has no torch); BF16 → float32.
+
+    Format: u64-LE header size, JSON header {name: {dtype, shape, data_offsets}}, raw little-endian data.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len <= 0 or header_len > 100 * 2**20:
+            raise LoraError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(header_len))
+        data = f.read()
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        st_dtype = info["dtype"]
+        if st_dtype not in _ST_DTYPES:
+            raise LoraError(f"{path}: tensor {name} has unsupported dtype {st_dtype}")
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(data[start:end], dtype=np.dtype(_ST_DTYPES[st_dtype]))
+        if st_dtype == "BF16":
+            # bfloat16 is the top half of a float32.
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        out[name] = arr.reshape(info["shape"]).copy()
+    return out
+
+
+@dataclass(frozen=True)
+class LoraMatrices:
+    """One adapted projection of one layer: delta(x) = scale * (x @ a.T) @ b.T."""
+
+    a: np.ndarray  # [r, in_dim] float32 (PEFT lora_A.weight)
+    b: np.ndarray  # [out_dim, r] float32 (PEFT lora_B.weight, unscaled)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass
+class PeftAdapter:
+    """A parsed PEFT LoRA adapter restricted to what the TensorRT-LLM engine can apply."""
+
+    path: Path | None
+    config: dict[str, Any]
+    weights: dict[tuple[str, int], LoraMatrices] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        """HF projection names present, in TensorRT-LLM module-id order."""
+        present = {m for m, _ in self.weights}
+        return [m for m in HF_MODULE_ORDER if m in present]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for _, layer in self.weights})
+
+    @property
+    def max_rank(self) -> int:
+        return max((w.rank for w in self.weights.values()), default=0)
+
+    def validate_dims(self, dims: Mapping[str, tuple[int, int]], num_layers: int | None = None) -> None:
+        """Raise LoraError when a matrix does not fit the base model (wrong base checkpoint)."""
+        for (name, layer), w in self.weights.items():
+            in_dim, out_dim = dims[name]
+            if w.a.shape[1] != in_dim or w.b.shape[0] != out_dim:
+                raise LoraError(
+                    f"adapter layer {layer} {name}: A {tuple(w.a.shape)} / B {tuple(w.b.shape)} do not fit "
+                    f"the base model ({in_dim} → {out_dim}); was it trained on another checkpoint?"
+                )
+            if num_layers is not None and not 0 <= layer < num_layers:
+                raise LoraError(f"adapter has layer {layer}, the base model has {num_layers} layers")
+
+
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (Gemma3ForCausalLM) and the multimodal
+# spellings ...model.language_model.layers.3... (transformers >= 4.52) / ...language_model.model.layers.3...
+_KEY_RE = re.compile(
+    r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<parent>[A-Za-z_]+)\.(?P<module>[A-Za-z_0-9]+)"
+    r"\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+_UNSUPPORTED_CONFIG: tuple[tuple[str, str], ...] = (
+    ("use_dora", "DoRA (use_dora) is not supported by this serving stack"),
+    ("lora_bias", "LoRA bias (lora_bias) is not supported by TensorRT-LLM's LoRA plugin"),
+    ("layer_replication", "layer_replication is not supported"),
+    ("use_qalora", "QA-LoRA is not supported"),
+    ("trainable_token_indices", "trainable_token_indices (token-embedding training) is not supported"),
+    ("target_parameters", "target_parameters (LoRA on raw parameters) is not supported"),
+    (
+        "modules_to_save",
+        "modules_to_save (fully trained extra modules) is not supported: the engine keeps "
+        "the base weights; merge them into a new checkpoint instead",
+    ),
+)
+
+
+def _pattern_value(patterns: Mapping[str, Any], module_path: str) -> Any | None:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path suffix (regex allowed)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return None
+
+
+def _check_config(cfg: Mapping[str, Any], where: str) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoraError(f"{where}: peft_type {peft_type} is not supported (only LORA)")
+    for key, why in _UNSUPPORTED_CONFIG:
+        if cfg.get(key):
+            raise LoraError(f"{where}: {why}")
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none"):
+        raise LoraError(
+            f"{where}: bias={bias!r} is not supported (TensorRT-LLM LoRA has no bias); use 'none'"
+        )
+    if not cfg.get("r"):
+        raise LoraError(f"{where}: adapter_config.json has no rank `r`")
+
+
+def _parse_weights(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str) -> PeftAdapter:
+    alpha = float(cfg.get("lora_alpha", cfg["r"]))
+    rslora = bool(cfg.get("use_rslora", False))
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    pairs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    paths: dict[tuple[str, int], str] = {}
+    for key, arr in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise LoraError(f"{where}: DoRA weights ({key}) are not supported")
+        if "lora_embedding_" in key:
+            raise LoraError(f"{where}: LoRA on embeddings ({key}) is not supported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise LoraError(
+                f"{where}: unsupported tensor {key} (only lora_A/lora_B of decoder-layer projections)"
+            )
+        prefix = m["prefix"]
+        if "vision" in prefix or "multi_modal_projector" in prefix:
+            raise LoraError(f"{where}: LoRA on the vision tower ({key}) is not supported by the engine")
+        module, parent = m["module"], m["parent"]
+        if module not in HF_TO_TRTLLM or HF_PARENT[module] != parent:
+            raise LoraError(
+                f"{where}: LoRA on {parent}.{module} is not supported; supported: "
+                + ", ".join(f"{HF_PARENT[n]}.{n}" for n in HF_MODULE_ORDER)
+            )
+        if arr.ndim != 2:
+            raise LoraError(f"{where}: {key} has shape {arr.shape}, expected a matrix")
+        k = (module, int(m["layer"]))
+        pairs.setdefault(k, {})[m["ab"]] = arr
+        # PEFT matches rank/alpha patterns against the module path inside the base model.
+        base = prefix[len("base_model.model.") :] if prefix.startswith("base_model.model.") else prefix
+        paths[k] = f"{base}layers.{k[1]}.{parent}.{module}"
+
+    adapter = PeftAdapter(path=None, config=dict(cfg))
+    for k, ab in sorted(pairs.items(), key=lambda kv: (kv[0][1], HF_MODULE_IDS[kv[0][0]])):
+        if set(ab) != {"A", "B"}:
+            raise LoraError(f"{where}: layer {k[1]} {k[0]} has lora_{''.join(ab)} only")
+        a, b = ab["A"].astype(np.float32), ab["B"].astype(np.float32)
+        r = a.shape[0]
+        if r == 0 or b.shape[1] != r:
+            raise LoraError(f"{where}: layer {k[1]} {k[0]}: A {a.shape} and B {b.shape} disagree on the rank")
+        expected_r = _pattern_value(rank_pattern, paths[k]) or cfg["r"]
+        if int(expected_r) != r:
+            raise LoraError(
+                f"{where}: layer {k[1]} {k[0]} has rank {r}, adapter_config.json says {expected_r}"
+            )
+        mod_alpha = float(_pattern_value(alpha_pattern, paths[k]) or alpha)
+        # PEFT LoraLayer.update_layer: scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+        scale = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
+        adapter.weights[k] = LoraMatrices(a=a, b=b, scale=scale)
+    if not adapter.weights:
+        raise LoraError(f"{where}: no LoRA weights found")
+    return adapter
+
+
+def load_peft_adapter(path: str | os.PathLike[str]) -> PeftAdapter:
+    """Read `adapter_config.json` + `adapter_model.safetensors` (or `.bin` refused) from a PEFT directory."""
+    d = Path(path)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise LoraError(f"{d}: no adapter_config.json")
+    cfg = json.loads(cfg_path.read_text())
+    _check_config(cfg, str(d))
+    st = d / "adapter_model.safetensors"
+    if not st.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise LoraError(f"{d}: adapter_model.bin (pickle) is not loaded; re-save with safe_serialization")
+        raise LoraError(f"{d}: no adapter_model.safetensors")
+    adapter = _parse_weights(cfg, read_safetensors(st), str(d))
+    adapter.path = d
+    return adapter
+
+
+# --- TensorRT-LLM tensors -------------------------------------------------------------------------
+def _in_region(name: str, rank: int, in_dim: int, dense_in_width: int | None) -> int:
+    """Elements reserved for `in` in a row. `dense_in_width` emulates runtimes whose attn_dense module is
+    sized hidden→hidden (see docs/lora.md, "attn_dense input width"): A is written flat, then zero-filled."""
+    if name == "o_proj" and dense_in_width is not None:
+        if dense_in_width < in_dim:
+            raise LoraError(
+                f"o_proj LoRA needs {in_dim} input columns but the runtime reserves {dense_in_width}: "
+                "this engine cannot serve o_proj adapters; retrain without o_proj"
+            )
+        return rank * dense_in_width
+    return rank * in_dim
+
+
+def to_trtllm_tensors(
+    adapter: PeftAdapter, dtype: Any = np.float16, *, dense_in_width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """→ (`lora_weights` [rows, max_len] of `dtype`, `lora_config` int32 [rows, 3]); no batch dim.
+
+    Rows are ordered by (layer, module id); the PEFT scaling is folded into `out` in float32 before the cast.
+    """
+    rows: list[np.ndarray] = []
+    cfg_rows: list[tuple[int, int, int]] = []
+    for (name, layer), w in sorted(
+        adapter.weights.items(), key=lambda kv: (kv[0][1], HF_MODULE_IDS[kv[0][0]])
+    ):
+        r, in_dim = w.a.shape
+        in_part = np.zeros(_in_region(name, r, in_dim, dense_in_width), dtype=np.float32)
+        in_part[: r * in_dim] = w.a.ravel()
+        out_part = (w.b.astype(np.float32) * np.float32(w.scale)).ravel()
+        rows.append(np.concatenate([in_part, out_part]))
+        cfg_rows.append((HF_MODULE_IDS[name], layer, r))
+    width = max(len(r) for r in rows)
+    weights = np.zeros((len(rows), width), dtype=np.float32)
+    for i, row in enumerate(rows):
+        weights[i, : len(row)] = row
+    with np.errstate(over="ignore"):
+        cast = weights.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise LoraError(f"LoRA weights overflow {np.dtype(dtype).name} after folding the scaling")
+    return cast, np.asarray(cfg_rows, dtype=np.int32).reshape(-1, CONFIG_ROW_SIZE)
+
+
+def with_batch_dim(weights: np.ndarray, config: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, len] / [rows, 3] → the per-request [1, rows, len] / [1, rows, 3] TensorRT-LLM expects."""
+    return (weights[None] if weights.ndim == 2 else weights), (config[None] if config.ndim == 2 else config)
+
+
+def from_trtllm_tensors(
+    weights: np.ndarray,
+    config: np.ndarray,
+    dims: Mapping[str, tuple[int, int]],
+    *,
+    dense_in_width: int | None = None,
+    num_layers: int | None = None,
+) -> dict[tuple[str, int], LoraMatrices]:
+    """Decode request tensors (2-D, or 3-D with batch 1) into per-(HF module, layer) matrices.
+
+    `dims` gives each projection's true (in_dim, out_dim) (`module_dims_from_arch`); the PEFT scaling is
+    already inside `b`, so every returned `scale` is 1.0. Validation mirrors `loraValidateRequestTensors`.
+    """
+    w, c = np.asarray(weights), np.asarray(config)
+    if w.ndim == 3 or c.ndim == 3:
+        if w.ndim != 3 or c.ndim != 3 or w.shape[0] != 1 or c.shape[0] != 1:
+            raise LoraError("Expected batch dimension to be 1 for each lora request")
+        w, c = w[0], c[0]
+    if w.ndim != 2 or c.ndim != 2:
+        raise LoraError("lora_weights must be [rows, len] and lora_config [rows, 3]")
+    if c.shape[1] not in (CONFIG_ROW_SIZE, CONFIG_ROW_SIZE_WITH_DORA):
+        raise LoraError(f"Expected dim2 of lora_config to be 3 or 4, got {c.shape[1]}")
+    if c.shape[0] != w.shape[0]:
+        raise LoraError("Expected dim1 lora_weights and lora_config to have the same size")
+    out: dict[tuple[str, int], LoraMatrices] = {}
+    for row in range(c.shape[0]):
+        module_id, layer, r = (int(v) for v in c[row, :3])
+        if c.shape[1] == CONFIG_ROW_SIZE_WITH_DORA and int(c[row, 3]):
+            raise LoraError("DoRA rows (is_dora=1) are not supported")
+        name = MODULE_ID_TO_HF.get(module_id)
+        if name is None or name not in dims:
+            raise LoraError(f"lora module id {module_id} not enabled for this model")
+        if r <= 0:
+            raise LoraError("Expected adapterSize to be > 0")
+        if layer < 0 or (num_layers is not None and layer >= num_layers):
+            raise LoraError("Expected layerId to be in the range [0, numModelLayers)")
+        in_dim, out_dim = dims[name]
+        in_len = _in_region(name, r, in_dim, dense_in_width)
+        if in_len + r * out_dim > w.shape[1]:
+            raise LoraError(f"lora_weights has too few values for {HF_TO_TRTLLM[name]}")
+        if (name, layer) in out:
+            raise LoraError(f"lora_config repeats {HF_TO_TRTLLM[name]} of layer {layer}")
+        flat = w[row].astype(np.float32)
+        a = flat[: r * in_dim].reshape(r, in_dim)
+        b = flat[in_len : in_len + r * out_dim].reshape(out_dim, r)
+        out[(name, layer)] = LoraMatrices(a=a, b=b, scale=1.0)
+    return out
+
+
+# --- applying in torch (CPU reference engine) -----------------------------------------------------
+_TARGET_RE = re.compile(
+    r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<name>\w+)$"
+)
+
+
+@dataclass(frozen=True)
+class DecodedLora:
+    """A task's matrices as float32 torch tensors on the model's device, ready for the hooks."""
+
+    task_id: int
+    deltas: Mapping[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class LoraHooks:
+    """Per-request LoRA for a HF Gemma 3 torch model, emulating TensorRT-LLM's PEFT cache.
+
+    Forward hooks are installed once on every q/k/v/o/gate/up/down Linear of the text decoder and are
+    no-ops unless `apply(lora)` is active in the current context (contextvar: safe with threads/asyncio
+    tasks), so the base model is untouched outside `apply`. Decoded tasks are kept in an LRU cache keyed by
+    task id (like the engine's PEFT cache): `resolve(task_id)` without weights on an unknown id raises
+    `LoraTaskNotCachedError` with TensorRT-LLM's exact message.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        capacity: int = 32,
+        dense_in_width: int | None = None,
+        allowed_modules: Collection[str] | None = None,
+    ) -> None:
+        self._targets: dict[tuple[str, int], torch.nn.Linear] = {}
+        for path, mod in model.named_modules():
+            m = _TARGET_RE.match(path)
+            if m is None or m["name"] not in HF_TO_TRTLLM or "vision" in m["prefix"]:
+                continue
+            self._targets[(m["name"], int(m["layer"]))] = mod  # type: ignore[assignment]
+        if not self._targets:
+            raise LoraError("no Gemma decoder projections found in the model")
+        self.dims: dict[str, tuple[int, int]] = {
+            name: (int(mod.in_features), int(mod.out_features)) for (name, _), mod in self._targets.items()
+        }
+        if allowed_modules is not None:  # the engine's lora_target_modules (HF or TensorRT-LLM names)
+            allowed = _hf_names(allowed_modules)
+            self.dims = {k: v for k, v in self.dims.items() if k in allowed}
+        self.num_layers = 1 + max(layer for _, layer in self._targets)
+        self.capacity = capacity
+        self.dense_in_width = dense_in_width
+        self._cache: OrderedDict[int, DecodedLora] = OrderedDict()
+        self._lock = threading.Lock()
+        self._active: contextvars.ContextVar[DecodedLora | None] = contextvars.ContextVar(
+            f"lora_active_{id(self)}", default=None
+        )
+        self._handles = [
+            mod.register_forward_hook(self._make_hook(key)) for key, mod in self._targets.items()
+        ]
+
+    def _make_hook(self, key: tuple[str, int]) -> Callable[..., Any]:
+        def hook(
+            module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            lora = self._active.get()
+            if lora is None:
+                return None
+            delta = lora.deltas.get(key)
+            if delta is None:
+                return None
+            a, b, scale = delta
+            x = inputs[0].to(a.dtype)
+            y = (x @ a.T) @ b.T
+            if scale != 1.0:
+                y = y * scale
+            return output + y.to(output.dtype)
+
+        return hook
+
+    def decode(self, task_id: int, weights: np.ndarray, config: np.ndarray) -> DecodedLora:
+        """Validate and convert request tensors (no caching)."""
+        import torch
+
+        mats = from_trtllm_tensors(
+            weights, config, self.dims, dense_in_width=self.dense_in_width, num_layers=self.num_layers
+        )
+        deltas = {}
+        for key, m in mats.items():
+            dev = self._targets[key].weight.device
+            deltas[key] = (
+                torch.from_numpy(np.ascontiguousarray(m.a)).to(dev),
+                torch.from_numpy(np.ascontiguousarray(m.b)).to(dev),
+                float(m.scale),
+            )
+        return DecodedLora(task_id=int(task_id), deltas=deltas)
+
+    def resolve(
+        self, task_id: int, weights: np.ndarray | None = None, config: np.ndarray | None = None
+    ) -> DecodedLora:
+        """The engine's per-request step: cached task → it; else decode the sent weights; else cache miss.
+
+        Like TensorRT-LLM, weights sent for a task id that is already cached are ignored.
+        """
+        task_id = int(task_id)
+        with self._lock:
+            hit = self._cache.get(task_id)
+            if hit is not None:
+                self._cache.move_to_end(task_id)
+                return hit
+        if weights is None or config is None:
+            raise LoraTaskNotCachedError(task_id)
+        decoded = self.decode(task_id, weights, config)
+        with self._lock:
+            self._cache[task_id] = decoded
+            self._cache.move_to_end(task_id)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)  # in-flight requests keep their own reference
+        return decoded
+
+    def __contains__(self, task_id: object) -> bool:
+        with self._lock:
+            return task_id in self._cache
+
+    def evict(self, task_id: int | None = None) -> None:
+        """Drop one task (or all): the next request without weights gets the cache-miss error."""
+        with self._lock:
+            if task_id is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(int(task_id), None)
+
+    @contextlib.contextmanager
+    def apply(self, lora: DecodedLora | None) -> Iterator[None]:
+        """Activate `lora` for forwards run inside the block (None = base model)."""
+        token = self._active.set(lora)
+        try:
+            yield
+        finally:
+            self._active.reset(token)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# --- gateway registry -----------------------------------------------------------------------------
+_CONVERTER_VERSION = "1"
+TASK_ID_MAX = 2**63 - 1
+
+
+def _hf_names(modules: Iterable[str]) -> set[str]:
+    return {TRTLLM_TO_HF.get(m, m) for m in modules}
+
+
+def stable_task_id(name: str) -> int:
+    """A 63-bit id derived from the adapter name only, so it survives gateway and Triton restarts."""
+    tid = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+    return tid or 1
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    task_id: int
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    base_model_name_or_path: str | None
+
+
+class LoraRegistry:
+    """The gateway's view of the adapters directory (one subdirectory per adapter, named by it).
+
+    * ids: `adapters.json` in the directory may pin ids (`{"name": 17}` or `{"name": {"task_id": 17}}`);
+      others get `stable_task_id(name)`.
+    * tensors are converted lazily (`tensors`), cached in memory and, with `cache_dir`, as .npy files keyed
+      by a digest of the adapter files (conversion of a 27B adapter takes seconds: call from a thread).
+    * `request_inputs(name)` returns the Triton inputs; weights are included until they have been sent
+      once. On an engine error matching `is_cache_miss_error` call `invalidate(name)` and retry once
+      (weights are then included again); after a Triton restart, `invalidate_all()`.
+    """
+
+    def __init__(
+        self,
+        adapters_dir: str | os.PathLike[str],
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        dtype: Any = np.float16,
+        separator: str = ":",
+        dense_in_width: int | None = None,
+        max_rank: int | None = None,
+        allowed_modules: Collection[str] | None = None,
+        strict: bool = True,
+    ) -> None:
+        self.adapters_dir = Path(adapters_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.dtype = np.dtype(dtype)
+        self.separator = separator
+        self.dense_in_width = dense_in_width
+        self.max_rank = max_rank
+        self.allowed_modules = _hf_names(allowed_modules) if allowed_modules is not None else None
+        self._lock = threading.Lock()
+        self._tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._sent: set[str] = set()
+        self._entries: dict[str, AdapterEntry] = {}
+        self._scan(strict)
+
+    # scanning ---------------------------------------------------------------------------------------
+    def _explicit_ids(self) -> dict[str, int]:
+        p = self.adapters_dir / "adapters.json"
+        if not p.is_file():
+            return {}
+        raw = json.loads(p.read_text())
+        ids: dict[str, int] = {}
+        for name, v in raw.items():
+            tid = v["task_id"] if isinstance(v, dict) else v
+            if not isinstance(tid, int) or isinstance(tid, bool) or not 0 < tid <= TASK_ID_MAX:
+                raise LoraError(f"{p}: task id of {name!r} must be an integer in [1, 2**63)")
+            ids[name] = tid
+        return ids
+
+    def _scan(self, strict: bool) -> None:
+        if not self.adapters_dir.is_dir():
+            raise LoraError(f"LoRA adapters directory {self.adapters_dir} does not exist")
+        explicit = self._explicit_ids()
+        by_id: dict[int, str] = {}
+        for d in sorted(p for p in self.adapters_dir.iterdir() if p.is_dir()):
+            if not (d / "adapter_config.json").is_file():
+                continue
+            try:
+                entry = self._entry(d, explicit.get(d.name))
+            except (LoraError, ValueError, KeyError, OSError) as e:
+                if strict:
+                    raise
+                log.error("skipping LoRA adapter %s: %s", d, e)
+                continue
+            if entry.task_id in by_id:
+                raise LoraError(
+                    f"adapters {by_id[entry.task_id]!r} and {entry.name!r} share task id {entry.task_id}"
+                )
+            by_id[entry.task_id] = entry.name
+            self._entries[entry.name] = entry
+        unknown = set(explicit) - set(self._entries)
+        if unknown:
+            log.warning("adapters.json names unknown adapters: %s", ", ".join(sorted(unknown)))
+
+    def _entry(self, d: Path, explicit_id: int | None) -> AdapterEntry:
+        name = d.name
+        if self.separator in name or not name.strip():
+            raise LoraError(f"adapter name {name!r} must not contain {self.separator!r}")
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        _check_config(cfg, str(d))
+        if not (d / "adapter_model.safetensors").is_file():
+            raise LoraError(f"{d}: no adapter_model.safetensors")
+        ranks = [int(cfg["r"]), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
+        if self.max_rank is not None and max(ranks) > self.max_rank:
+            raise LoraError(f"{d}: rank {max(ranks)} exceeds the engine's max_lora_rank {self.max_rank}")
+        tm = cfg.get("target_modules") or []
+        targets = (tm,) if isinstance(tm, str) else tuple(tm)
+        return AdapterEntry(
+            name=name,
+            task_id=explicit_id if explicit_id is not None else stable_task_id(name),
+            path=d,
+            rank=max(ranks),
+            target_modules=targets,
+            base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        )
+
+    # lookup -----------------------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[AdapterEntry]:
+        return list(self._entries.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> AdapterEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownAdapterError(name) from None
+
+    def resolve(self, model: str, base_ids: Collection[str]) -> AdapterEntry | None:
+        """`model` → adapter (`adapter` or `base<sep>adapter`), or None when `model` is a base model id.
+
+        Raises UnknownAdapterError (→ 404) for `base<sep>unknown` and for any other unknown `model`.
+        """
+        if model in self._entries:
+            return self._entries[model]
+        if model in base_ids:
+            return None
+        base, sep, adapter = model.rpartition(self.separator)
+        if sep and base in base_ids:
+            return self.get(adapter)
+        raise UnknownAdapterError(model)
+
+    # tensors ----------------------------------------------------------------------------------------
+    def _digest(self, entry: AdapterEntry) -> str:
+        h = hashlib.sha256()
+        h.update(f"{_CONVERTER_VERSION}|{self.dtype.str}|{self.dense_in_width}|".encode())
+        h.update((entry.path / "adapter_config.json").read_bytes())
+        st = (entry.path / "adapter_model.safetensors").stat()
+        h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def tensors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(`lora_weights` [1, rows, len] of `dtype`, `lora_config` int32 [1, rows, 3]) for `name`."""
+        entry = self.get(name)
+        with self._lock:
+            hit = self._tensors.get(name)
+        if hit is not None:
+            return hit
+        pair = self._load_or_convert(entry)
+        with self._lock:
+            self._tensors[name] = pair
+        return pair
+
+    def _load_or_convert(self, entry: AdapterEntry) -> tuple[np.ndarray, np.ndarray]:
+        cached = None
+        if self.cache_dir is not None:
+            cached = self.cache_dir / f"{entry.name}-{self._digest(entry)}"
+            wp, cp = cached / "model.lora_weights.npy", cached / "model.lora_config.npy"
+            if wp.is_file() and cp.is_file():
+                return np.load(wp), np.load(cp)
+        adapter = load_peft_adapter(entry.path)
+        if self.allowed_modules is not None:
+            extra = set(adapter.modules) - self.allowed_modules
+            if extra:
+                raise LoraError(f"adapter {entry.name!r} adapts {sorted(extra)}, not enabled in the engine")
+        pair = with_batch_dim(*to_trtllm_tensors(adapter, self.dtype, dense_in_width=self.dense_in_width))
+        if cached is not None:
+            save_npy_pair(cached, *pair)
+        return pair
+
+    # send state -------------------------------------------------------------------------------------
+    def needs_weights(self, name: str) -> bool:
+        with self._lock:
+            return name not in self._sent
+
+    def request_inputs(self, name: str, *, force_weights: bool = False) -> dict[str, np.ndarray]:
+        """Triton inputs for one request: `lora_task_id` uint64 [1, 1], plus weights/config on first use."""
+        entry = self.get(name)
+        inputs = {"lora_task_id": np.array([[entry.task_id]], dtype=np.uint64)}
+        if force_weights or self.needs_weights(name):
+            weights, config = self.tensors(name)
+            inputs["lora_weights"] = weights
+            inputs["lora_config"] = config
+            with self._lock:
+                self._sent.add(name)  # optimistic: a failed send surfaces as a cache miss → invalidate
+        return inputs
+
+    def invalidate(self, name: str) -> None:
+        with self._lock:
+            self._sent.discard(name)
+
+    def invalidate_all(self) -> None:
+        with self._lock:
+            self._sent.clear()
+
+
+def save_npy_pair(
+    out_dir: str | os.PathLike[str], weights: np.ndarray, config: np.ndarray
+) -> tuple[Path, Path]:
+    """Write `model.lora_weights.npy` / `model.lora_config.npy` atomically (names the Triton tools use)."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, arr in (("model.lora_weights.npy", weights), ("model.lora_config.npy", config)):
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, d / stem)
+        paths.append(d / stem)
+    return paths[0], paths[1]
+
+
+def trtllm_target_modules(hf_modules: Iterable[str]) -> list[str]:
+    """HF names (or TensorRT-LLM names, or "all-linear") → TensorRT-LLM module names in id order.
+
+    q/k/v are completed to all three when any is present, as trtllm-build does (`missing_qkv_modules`).
+    """
+    names: set[str] = set()
+    for m in hf_modules:
+        short = m.rsplit(".", 1)[-1]
+        if short == "all-linear":
+            names.update(HF_TO_TRTLLM.values())
+        elif short in HF_TO_TRTLLM:
+            names.add(HF_TO_TRTLLM[short])
+        elif short in TRTLLM_MODULE_IDS and short in HF_TO_TRTLLM.values():
+            names.add(short)
+        else:
+            raise LoraError(f"unsupported LoRA target module {m!r}; supported: {', '.join(HF_MODULE_ORDER)}")
+    if names & {"attn_q", "attn_k", "attn_v"}:
+        names |= {"attn_q", "attn_k", "attn_v"}
+    return sorted(names, key=TRTLLM_MODULE_IDS.__getitem__)

@@ -1,0 +1,245 @@
+"""TEST DOUBLE of Triton's `tensorrt_llm` model -- for overhead and load measurement only, never a model.
+
+It honours the request contract of TensorRT-LLM's backend as the CPU reference engine does (decoupled,
+`input_ids` / `request_output_len` / `streaming` / `end_id` / `min_tokens` / `stop_words_list` /
+`exclude_input_in_output` in; `output_ids`, `sequence_length`, `num_input_tokens`, `num_output_tokens`
+out; streaming responses carry only the new tokens; the last token travels with the final flag), but
+instead of running a network it emits a fixed cycle of real Gemma 3 token ids -- multi-byte characters and
+one character split over three byte-fallback tokens included -- at a configured pace. With it the cost of
+everything around the engine (ensemble steps, detokenization, gRPC, the gateway) becomes measurable.
+
+Pacing is an absolute schedule per request (first token after `first_token_delay_us`, then one every
+`token_interval_us`), so a loaded process falls behind instead of silently stretching the interval. One
+thread serves all requests from a heap ordered by due time; `max_active_requests` caps the in-flight set
+like an engine's batch size, the rest wait in arrival order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from gemma3_core.triton_io import optional_scalar, param, tensor
+from gemma3_core.words import from_word_list
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+# "Hello, world! café 日本語 naïve 🙂€ über— tokens\n" in Gemma 3 ids (same vocabulary for 270M and 27B):
+# 464, 368, 410 are the byte-fallback pieces <0xE2><0x82><0xAC> of "€", so a character crosses responses.
+TOKEN_CYCLE: tuple[int, ...] = (
+    9259, 236764, 1902, 236888, 33443, 33375, 238582, 120362, 57235, 464, 368, 410, 8046, 237028, 21739, 107,
+)
+# is_cancelled() is an IPC round trip to tritonserver; polling it per token would bill the double's own
+# work to the server we are measuring, so it is polled at most this often per request.
+CANCEL_POLL_S = 0.05
+
+# Prebuilt per-token tensors: building numpy arrays per response would be the double's dominant cost.
+_TOKEN_ARRAYS = {t: np.array([[[t]]], dtype=np.int32) for t in TOKEN_CYCLE}
+_ONE = np.array([[1]], dtype=np.int32)
+
+
+class DoubleRequestError(ValueError):
+    pass
+
+
+@dataclass(eq=False)
+class _Stream:
+    sender: Any
+    prompt: np.ndarray
+    max_new: int
+    end_id: int
+    min_tokens: int
+    streaming: bool
+    exclude_input: bool
+    stop_words: list[list[int]]
+    n_in: np.ndarray
+    generated: list[int] = field(default_factory=list)
+    pos: int = 0
+    first_due: float = 0.0
+    next_poll: float = 0.0
+
+
+class _Pacer:
+    """One thread, one heap of (due time, arrival seq, stream): emits every token when it is due."""
+
+    def __init__(self, interval_s: float, first_delay_s: float, max_active: int) -> None:
+        self.interval_s = interval_s
+        self.first_delay_s = first_delay_s
+        self.max_active = max(1, max_active)
+        self._heap: list[tuple[float, int, _Stream]] = []
+        self._waiting: deque[_Stream] = deque()
+        self._active = 0
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="fast-double", daemon=True)
+        self._thread.start()
+
+    def submit(self, st: _Stream) -> None:
+        with self._cond:
+            self._waiting.append(st)
+            self._admit(time.monotonic())
+            self._cond.notify()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _admit(self, now: float) -> None:  # called with the lock held
+        while self._waiting and self._active < self.max_active:
+            st = self._waiting.popleft()
+            self._active += 1
+            st.first_due = now + self.first_delay_s
+            st.next_poll = now + CANCEL_POLL_S
+            heapq.heappush(self._heap, (st.first_due, next(self._seq), st))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop:
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                if self._stop:
+                    return
+                # Everything due now, in due order; new arrivals wait for the next pass.
+                due: list[_Stream] = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+            finished: list[_Stream] = []
+            for st in due:
+                try:
+                    done = _step(st, now)
+                except Exception as exc:  # one broken request must not stop the others
+                    _send_error(st, f"tensorrt_llm (fast double): {exc}")
+                    done = True
+                if done:
+                    finished.append(st)
+                    continue
+                # Absolute schedule: token k is due at first_due + k * interval (interval 0 = round robin).
+                when = st.first_due + len(st.generated) * self.interval_s
+                with self._cond:
+                    heapq.heappush(self._heap, (when, next(self._seq), st))
+            if finished:
+                with self._cond:
+                    self._active -= len(finished)
+                    self._admit(time.monotonic())
+
+
+def _send_error(st: _Stream, message: str) -> None:
+    try:
+        st.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+    except Exception:  # the client may be gone already
+        pass
+
+
+def _respond(st: _Stream, ids: list[int], final: bool) -> None:
+    if st.streaming and len(ids) == 1:
+        out, length = _TOKEN_ARRAYS[ids[0]], _ONE
+        count = _ONE
+    else:
+        row = ids if st.streaming or st.exclude_input else [*st.prompt.tolist(), *ids]
+        out = np.asarray(row, dtype=np.int32).reshape(1, 1, -1)
+        length = np.array([[out.shape[-1]]], dtype=np.int32)
+        count = np.array([[len(ids)]], dtype=np.int32)
+    tensors = [
+        pb_utils.Tensor("output_ids", out),
+        pb_utils.Tensor("sequence_length", length),
+        pb_utils.Tensor("num_input_tokens", st.n_in),
+        pb_utils.Tensor("num_output_tokens", count),
+    ]
+    st.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
+
+
+def _step(st: _Stream, now: float) -> bool:
+    """Emit this request's next token; True when the request is finished."""
+    if now >= st.next_poll:
+        st.next_poll = now + CANCEL_POLL_S
+        if st.sender.is_cancelled():
+            try:
+                _respond(st, [], True)
+            except Exception:  # a cancelled request may refuse responses
+                pass
+            return True
+    token = TOKEN_CYCLE[st.pos % len(TOKEN_CYCLE)]
+    st.pos += 1
+    if token == st.end_id:
+        if len(st.generated) >= st.min_tokens:
+            # end_id ends generation and is not emitted (TensorRT-LLM); streaming sends an empty final.
+            _respond(st, [] if st.streaming else st.generated, True)
+            return True
+        token = TOKEN_CYCLE[st.pos % len(TOKEN_CYCLE)]  # min_tokens bans end_id: take the next id
+        st.pos += 1
+    st.generated.append(token)
+    gen = st.generated
+    stopped = len(gen) >= st.min_tokens and any(len(w) <= len(gen) and gen[-len(w):] == w for w in st.stop_words)
+    done = len(gen) >= st.max_new or stopped
+    if st.streaming:
+        _respond(st, [token], done)
+    elif done:
+        _respond(st, gen, True)
+    return done
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.max_seq_len = int(param(config, "max_seq_len"))
+        self.vocab_size = int(param(config, "engine_vocab_size"))
+        interval_s = float(param(config, "token_interval_us", "0")) / 1e6
+        delay_s = float(param(config, "first_token_delay_us", "0")) / 1e6
+        self.pacer = _Pacer(interval_s, delay_s, int(param(config, "max_active_requests", "8")))
+        pb_utils.Logger.log_info(
+            f"tensorrt_llm FAST TEST DOUBLE: token interval {interval_s * 1e6:.0f} us, "
+            f"first token after {delay_s * 1e6:.0f} us (not a model; benchmarks only)"
+        )
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.pacer.submit(self._parse(request, sender))
+            except Exception as exc:  # bad input: a clean Triton error, never a hung stream
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm: {exc}")), flags=FINAL)
+        return None
+
+    def finalize(self) -> None:
+        self.pacer.shutdown()
+
+    def _parse(self, request: Any, sender: Any) -> _Stream:
+        # Same refusals, same messages' intent, as the reference engine (tensorrt_llm_reference/1/model.py).
+        ids = tensor(request, "input_ids")
+        if ids is None or ids.size == 0:
+            raise DoubleRequestError("input_ids is required")
+        ids = ids.reshape(-1)
+        if optional_scalar(request, "beam_width", 1) != 1:
+            raise DoubleRequestError("beam_width 1 only")
+        max_new = int(optional_scalar(request, "request_output_len", 0))
+        if max_new <= 0:
+            raise DoubleRequestError(f"request_output_len must be at least 1, got {max_new}")
+        if ids.size >= self.max_seq_len:
+            raise DoubleRequestError(f"prompt has {ids.size} tokens; the context is {self.max_seq_len} tokens")
+        stop = tensor(request, "stop_words_list")
+        return _Stream(
+            sender=sender,
+            prompt=ids,
+            max_new=min(max_new, self.max_seq_len - int(ids.size)),
+            end_id=int(optional_scalar(request, "end_id", 1)),
+            min_tokens=int(optional_scalar(request, "min_tokens", 0)),
+            streaming=bool(optional_scalar(request, "streaming", False)),
+            exclude_input=bool(optional_scalar(request, "exclude_input_in_output", False)),
+            stop_words=from_word_list(stop) if stop is not None and stop.size else [],
+            n_in=np.array([[ids.size]], dtype=np.int32),
+        )

@@ -1,0 +1,106 @@
+"""`make serve`: the CPU embedded default — prepare Gemma 3 270M, start Triton, then the gateway.
+
+Prints the URL when both are ready; Ctrl-C (or SIGTERM) stops the gateway first, then Triton.
+Ports: GATEWAY_PORT (8080), GATEWAY_HOST (127.0.0.1), TRITON_GRPC_PORT (8001), TRITON_HTTP_PORT (8000),
+TRITON_METRICS_PORT (8002).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from build_engine.cpu import cache_root, prepare, repository_values
+from build_engine.render import render
+from gemma3_core import constants as C
+from stack.triton_launcher import LauncherError, TritonPorts, start
+
+REPO = Path(os.environ.get("MODEL_REPOSITORY", "build/model_repository/cpu"))
+MAX_SEQ_LEN = int(os.environ.get("CPU_MAX_SEQ_LEN", "8192"))
+
+
+def say(msg: str) -> None:
+    print(f"[serve] {msg}", file=sys.stderr, flush=True)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LauncherError(f"gateway exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise LauncherError(f"gateway not ready after {timeout:.0f}s ({url})")
+
+
+def main() -> int:
+    art = prepare(cache_root())
+    render("cpu", REPO, repository_values(art, max_seq_len=MAX_SEQ_LEN))
+    say(f"model repository rendered at {REPO.resolve()}")
+    ports = TritonPorts.from_env()
+    verbose = os.environ.get("TRITON_LOG", "") == "1"
+    triton = start(REPO.resolve(), ports=ports, log_sink=(lambda line: print(f"[triton] {line}", file=sys.stderr)) if verbose else None)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        say(f"starting tritonserver (gRPC {ports.grpc}, HTTP {ports.http}, metrics {ports.metrics}); TRITON_LOG=1 shows its log")
+        triton.wait_ready(timeout=600)
+        host = os.environ.get("GATEWAY_HOST", "127.0.0.1")
+        port = int(os.environ.get("GATEWAY_PORT", "8080"))
+        env = {
+            **os.environ,
+            "GATEWAY_HOST": host,
+            "GATEWAY_PORT": str(port),
+            "TRITON_GRPC_URL": triton.grpc_url,
+            "GATEWAY_TOKENIZER_DIR": str(art.tokenizer_dir),
+            "GATEWAY_MAX_MODEL_LEN": str(MAX_SEQ_LEN),
+            "GATEWAY_MODEL_ID": os.environ.get("GATEWAY_MODEL_ID", C.CPU_MODEL_ID),
+        }
+        env.setdefault("GATEWAY_MODEL_ALIASES", "[]")
+        gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        _wait_http(f"http://{shown}:{port}/health/ready", gateway, timeout=120)
+        say(f"ready: OpenAI API at http://{shown}:{port}/v1  (model {env['GATEWAY_MODEL_ID']}; docs at /docs). Ctrl-C stops.")
+        while not stopping.is_set():
+            if triton.proc.poll() is not None:
+                say(f"tritonserver exited ({triton.proc.returncode}); stopping")
+                return 1
+            if gateway.poll() is not None:
+                say(f"gateway exited ({gateway.returncode}); stopping")
+                return 1
+            stopping.wait(0.5)
+        say("stopping ...")
+        return 0
+    except LauncherError as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.send_signal(signal.SIGINT)
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        triton.stop()
+        say("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

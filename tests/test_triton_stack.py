@@ -1,0 +1,166 @@
+"""The CPU Triton stack end to end: real tritonserver, real Gemma 3 270M weights, tritonclient.grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from gemma3_core import constants as C
+from gemma3_core.chat_template import render_chat
+from gemma3_core.detokenize import ByteDetokenizer
+from gemma3_core.tokenizer import encode
+from tests.ensemble_client import ensemble_inputs, stream, tensor
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPTS = [
+    render_chat([{"role": "user", "content": "Name three European capitals."}]),
+    render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Zähle bis fünf, bitte: ünd?"}]),
+    "<bos>日本の首都は東京です。日本の有名な食べ物は",
+    "<bos>The quick brown fox 🦊 jumps over",
+]
+
+
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    import torch
+
+    out = hf_model.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
+        do_sample=False, eos_token_id=list(C.DEFAULT_STOP_IDS), pad_token_id=C.PAD_ID,
+    )
+    gen = out[0, len(ids):].tolist()
+    # Our engine (like TensorRT-LLM) does not emit end_id (<end_of_turn>); <eos> is a stop word and is emitted.
+    if gen and gen[-1] == C.END_OF_TURN_ID:
+        gen = gen[:-1]
+    return gen
+
+
+async def engine_greedy(url: str, ids: list[int], n: int) -> list[int]:
+    inputs = [
+        tensor("input_ids", [ids], np.int32),
+        tensor("input_lengths", [[len(ids)]], np.int32),
+        tensor("request_output_len", [[n]], np.int32),
+        tensor("end_id", [[C.END_OF_TURN_ID]], np.int32),
+        tensor("runtime_top_k", [[1]], np.int32),
+        tensor("streaming", [[True]], bool),
+        tensor("stop_words_list", [[[C.EOS_ID], [1]]], np.int32),
+    ]
+    res = await stream(url, "tensorrt_llm", inputs, output="output_ids")
+    assert res.error is None, res.error
+    return res.ids
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+async def test_greedy_tokens_equal_transformers(triton_server, hf_model, tokenizer, prompt: str) -> None:
+    ids = encode(tokenizer, prompt)
+    n = 24
+    expected = hf_greedy(hf_model, ids, n)
+    got = await engine_greedy(triton_server.grpc_url, ids, n)
+    assert got == expected
+    # ... and the ensemble's text is exactly those tokens' text.
+    res = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, n, top_k=1))
+    assert res.error is None, res.error
+    assert res.data == ByteDetokenizer(tokenizer).token_bytes(expected)
+    assert res.num_input_tokens == len(ids)
+    assert res.num_output_tokens == len(expected)
+
+
+@pytest.mark.parametrize("prompt", [PROMPTS[2], PROMPTS[3], "<bos>中文：我喜欢吃"])
+async def test_streamed_text_equals_non_streamed(triton_server, prompt: str) -> None:
+    kw = dict(top_k=1, exclude_input_in_output=True)
+    streamed = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 32, stream_=True, **kw))
+    whole = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 32, stream_=False, **kw))
+    assert streamed.error is None and whole.error is None
+    assert len(streamed.chunks) > 1 and len(whole.chunks) == 1
+    assert streamed.data == whole.data
+    text = whole.data.decode("utf-8")  # valid UTF-8 once joined, even if a chunk split a character
+    assert re.search(r"[^\x00-\x7f]", text), f"prompt should produce non-ASCII text, got {text!r}"
+
+
+async def test_seed_reproducible(triton_server) -> None:
+    prompt = PROMPTS[0]
+    kw = dict(temperature=1.0, top_p=0.95, exclude_input_in_output=True)
+    a = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, seed=1234, **kw))
+    b = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, seed=1234, **kw))
+    c = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, seed=99, **kw))
+    assert a.data == b.data
+    assert a.data != c.data
+
+
+async def test_max_tokens_honoured(triton_server) -> None:
+    res = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(PROMPTS[3], 7, min_tokens=7, top_k=1))
+    assert res.error is None
+    assert res.num_output_tokens == 7
+
+
+async def test_stop_words_stop(triton_server, tokenizer) -> None:
+    prompt = PROMPTS[3]
+    full = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, top_k=1))
+    words = full.data.decode().split()
+    assert len(words) > 3
+    stop = words[2]
+    cut = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, top_k=1, stop_words=[" " + stop]))
+    assert cut.error is None
+    assert cut.data.decode().endswith(stop)
+    assert cut.num_output_tokens < full.num_output_tokens
+
+
+def _pending(metrics_url: str, model: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    m = re.search(rf'nv_inference_pending_request_count{{model="{model}",version="1"}} (\S+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+async def test_cancellation_frees_the_engine(triton_server) -> None:
+    url = triton_server.grpc_url
+    # Warm reference: how long a short request takes on an idle engine.
+    t0 = time.monotonic()
+    await stream(url, "ensemble", ensemble_inputs(PROMPTS[0], 8, top_k=1, min_tokens=8))
+    idle = time.monotonic() - t0
+    # A long stream, abandoned after three responses.
+    long = await stream(url, "ensemble", ensemble_inputs(PROMPTS[0], 1500, min_tokens=1500), stop_after=3)
+    assert len(long.chunks) == 3
+    deadline = time.monotonic() + 10
+    while _pending(triton_server.metrics_url, "tensorrt_llm") > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert _pending(triton_server.metrics_url, "tensorrt_llm") == 0
+    t0 = time.monotonic()
+    res = await stream(url, "ensemble", ensemble_inputs(PROMPTS[0], 8, top_k=1, min_tokens=8))
+    after = time.monotonic() - t0
+    assert res.num_output_tokens == 8
+    # Were the abandoned request still decoding, every step would take twice as long.
+    assert after < idle * 1.6 + 0.5, (idle, after)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (lambda: [tensor("max_tokens", [[8]], np.int32)], "text_input"),
+        (lambda: ensemble_inputs("", 8), "empty"),
+        (lambda: ensemble_inputs(PROMPTS[0], 0), "max_tokens"),
+        (lambda: ensemble_inputs(PROMPTS[0], -5), "max_tokens"),
+        (lambda: ensemble_inputs("<bos>" + "word " * 3000, 8), "context"),
+        (lambda: ensemble_inputs("<bos>look: " + C.IMAGE_SOFT_TOKEN, 8), C.IMAGE_SOFT_TOKEN),
+        (lambda: ensemble_inputs("<bos>" + C.START_OF_IMAGE, 8), "image"),
+        (lambda: ensemble_inputs(PROMPTS[0], 8, images=[b"not an image"]), "image"),
+    ],
+)
+async def test_bad_input_is_a_clean_error(triton_server, inputs, message: str) -> None:
+    res = await stream(triton_server.grpc_url, "ensemble", inputs(), timeout=30)
+    assert res.error is not None, "expected an error response"
+    assert message.lower() in res.error.lower(), res.error
+
+
+async def test_engine_rejects_bad_tensors(triton_server) -> None:
+    url = triton_server.grpc_url
+    base = [tensor("input_lengths", [[3]], np.int32), tensor("request_output_len", [[4]], np.int32)]
+    res = await stream(url, "tensorrt_llm", base, output="output_ids", timeout=30)
+    assert res.error and "input_ids" in res.error
+    ids = [tensor("input_ids", [[2, 9259, C.SENTENCEPIECE_VOCAB + 5]], np.int32)]
+    res = await stream(url, "tensorrt_llm", base + ids, output="output_ids", timeout=30)
+    assert res.error and "prompt_embedding_table" in res.error
