@@ -345,10 +345,11 @@ def test_disconnect_cancels_generation(gateway: GatewayTarget, http: httpx.Clien
     assert _metric_sum(gateway_metrics, "gateway_requests_in_flight") == 0
 
 
-def test_greedy_matches_transformers(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
+def test_greedy_matches_transformers(
+    gateway: GatewayTarget, sdk: openai.OpenAI, request: pytest.FixtureRequest
+) -> None:
     triton = local_only(gateway)
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from gemma3_core import constants as C
     from gemma3_core.chat_template import render_chat
     from gemma3_core.detokenize import ByteDetokenizer
@@ -360,13 +361,11 @@ def test_greedy_matches_transformers(gateway: GatewayTarget, sdk: openai.OpenAI)
     )
     tok = load_tokenizer(triton.tokenizer_dir)
     ids = encode(tok, render_chat(CARD_MESSAGES))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(triton.hf_model_dir), dtype=torch.float32
-    )
-    model.eval()
+    model = request.getfixturevalue("hf_model")  # tests/fixtures/triton.py: the same checkpoint, float32
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=max_tokens,
             do_sample=False,
             eos_token_id=list(C.DEFAULT_STOP_IDS),

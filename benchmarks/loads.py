@@ -1,0 +1,273 @@
+"""perf_analyzer invocations (Triton gRPC streaming and OpenAI SSE) and TTFT/ITL/tokens from its exports.
+
+perf_analyzer prints per-request latency only; its `--profile-export-file` keeps, for every request, the
+send timestamp and one timestamp (plus the outputs) per streamed response, from which we derive:
+
+- TTFT: first response carrying output after the send (for SSE: the first chunk with content, not the role
+  chunk);
+- ITL: per request, (last token time - first token time) / (tokens - 1), so paths that merge tokens into one
+  event (a character split over byte-fallback tokens is one SSE chunk) are compared fairly;
+- output tokens/s: all tokens of the run / (last response - first send).
+
+Token counts come from the servers themselves: `num_output_tokens` per ensemble response, the `usage` chunk
+(`stream_options.include_usage`) for the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunStats:
+    requests: int
+    tokens: int
+    wall_s: float
+    ttft_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "ttft_p50_ms": _pct(self.ttft_ms, 50),
+            "ttft_p95_ms": _pct(self.ttft_ms, 95),
+            "itl_p50_ms": _pct(self.itl_ms, 50),
+            "itl_p95_ms": _pct(self.itl_ms, 95),
+            "errors": self.errors,
+        }
+
+
+def _pct(values: Sequence[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0], 3)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 3)
+
+
+# --- input data ---------------------------------------------------------------------------------------
+
+def ensemble_input_data(prompts: Sequence[str], max_tokens: int) -> dict[str, Any]:
+    """`text_input` is the rendered prompt; greedy exactly as the gateway sends it (top_k 1, top_p 1, T 1)."""
+    return {
+        "data": [
+            {
+                "text_input": [p],
+                "max_tokens": [max_tokens],
+                "stream": [True],
+                "exclude_input_in_output": [True],
+                "return_num_output_tokens": [True],
+                "return_num_input_tokens": [True],
+                "top_k": [1],
+                "top_p": [1.0],
+                "temperature": [1.0],
+            }
+            for p in prompts
+        ]
+    }
+
+
+def openai_input_data(messages: Sequence[str], model: str, max_tokens: int) -> dict[str, Any]:
+    return {
+        "data": [
+            {
+                "payload": [
+                    {
+                        "model": model,
+                        "messages": [{"role": "user", "content": m}],
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
+                ]
+            }
+            for m in messages
+        ]
+    }
+
+
+def engine_input_data(prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> dict[str, Any]:
+    """Straight to `tensorrt_llm` (calibration: the double's path without the ensemble)."""
+    return {
+        "data": [
+            {
+                "input_ids": {"content": list(ids), "shape": [len(ids)]},
+                "input_lengths": [len(ids)],
+                "request_output_len": [max_tokens],
+                "streaming": [True],
+                "end_id": [1],
+            }
+            for ids in prompt_ids
+        ]
+    }
+
+
+# --- running perf_analyzer ----------------------------------------------------------------------------
+
+@dataclass
+class PerfAnalyzer:
+    binary: Path
+    env: dict[str, str]
+
+    def version(self) -> str:
+        out = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True, env=self.env)
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
+
+    def run(
+        self,
+        *,
+        kind: str,
+        url: str,
+        model: str,
+        input_data: dict[str, Any],
+        concurrency: int,
+        requests: int,
+        workdir: Path,
+        name: str,
+    ) -> tuple[dict[str, Any], float]:
+        """One load point; returns (the parsed export, perf_analyzer's own CPU seconds)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        data_file = workdir / f"{name}.input.json"
+        export = workdir / f"{name}.export.json"
+        data_file.write_text(json.dumps(input_data))
+        export.unlink(missing_ok=True)
+        common = [
+            "--async", f"--input-data={data_file}", f"--concurrency-range={concurrency}",
+            f"--request-count={requests}", f"--profile-export-file={export}",
+            "--stability-percentage=999", "--max-trials=1", "--measurement-interval=600000",
+        ]
+        if kind == "triton":
+            cmd = [str(self.binary), "-m", model, "-i", "grpc", "-u", url, "--streaming", *common]
+        else:
+            cmd = [str(self.binary), "-m", model, "--service-kind=openai", "--endpoint=v1/chat/completions",
+                   "-u", url, *common]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=900)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        (workdir / f"{name}.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not export.exists():
+            raise RuntimeError(f"perf_analyzer {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        # Streamed text_output may end mid-character (byte-fallback tokens): not valid UTF-8 on its own.
+        return json.loads(export.read_bytes().decode("utf-8", "replace")), cpu
+
+
+def _requests(export: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for exp in export.get("experiments", []) for r in exp.get("requests", [])]
+
+
+def _ensemble_tokens(output: dict[str, Any]) -> tuple[int, bool]:
+    """(tokens in this response, whether it carried any) from one perf_analyzer response output."""
+    count = output.get("num_output_tokens")
+    if isinstance(count, dict):  # {"content": [..], "shape": [..]} in some exports
+        count = count.get("content")
+    while isinstance(count, list):
+        count = count[0] if count else 0
+    if count is None:
+        text = output.get("text_output")
+        return (1, True) if text else (0, False)
+    return int(count), int(count) > 0
+
+
+def parse_triton(export: dict[str, Any]) -> RunStats:
+    reqs = _requests(export)
+    stats = RunStats(requests=len(reqs), tokens=0, wall_s=0.0)
+    start, end = None, None
+    for r in reqs:
+        t0 = r["timestamp"]
+        times: list[int] = []
+        n = 0
+        for ts, out in zip(r.get("response_timestamps", []), r.get("response_outputs", []), strict=False):
+            k, has = _ensemble_tokens(out or {})
+            if has:
+                times.append(ts)
+                n += k
+        if not times:
+            stats.errors += 1
+            continue
+        stats.tokens += n
+        stats.ttft_ms.append((times[0] - t0) / 1e6)
+        if n > 1:
+            stats.itl_ms.append((times[-1] - times[0]) / 1e6 / (n - 1))
+        start = t0 if start is None else min(start, t0)
+        end = times[-1] if end is None else max(end, times[-1])
+    stats.wall_s = (end - start) / 1e9 if start is not None and end is not None else 0.0
+    return stats
+
+
+def _sse_events(output: Any) -> list[dict[str, Any]]:
+    """The JSON chunks in one recorded SSE response (perf_analyzer may record several events at once)."""
+    text = output.get("response") if isinstance(output, dict) else output
+    if not isinstance(text, str):
+        return []
+    events = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("data:"):
+            continue
+        body = line[5:].strip()
+        if body and body != "[DONE]":
+            try:
+                events.append(json.loads(body))
+            except ValueError:
+                continue
+    return events
+
+
+def parse_openai(export: dict[str, Any]) -> RunStats:
+    reqs = _requests(export)
+    stats = RunStats(requests=len(reqs), tokens=0, wall_s=0.0)
+    start, end = None, None
+    for r in reqs:
+        t0 = r["timestamp"]
+        content_times: list[int] = []
+        tokens = 0
+        for ts, out in zip(r.get("response_timestamps", []), r.get("response_outputs", []), strict=False):
+            for ev in _sse_events(out):
+                if "error" in ev:
+                    stats.errors += 1
+                usage = ev.get("usage")
+                if usage:
+                    tokens = int(usage.get("completion_tokens", 0))
+                if any((c.get("delta") or {}).get("content") for c in ev.get("choices") or []):
+                    content_times.append(ts)
+        if not content_times:
+            stats.errors += 1
+            continue
+        stats.tokens += tokens
+        stats.ttft_ms.append((content_times[0] - t0) / 1e6)
+        if tokens > 1:
+            stats.itl_ms.append((content_times[-1] - content_times[0]) / 1e6 / (tokens - 1))
+        start = t0 if start is None else min(start, t0)
+        end = content_times[-1] if end is None else max(end, content_times[-1])
+    stats.wall_s = (end - start) / 1e9 if start is not None and end is not None else 0.0
+    return stats
+
+
+def wait_idle(seconds: float = 0.5) -> None:
+    """Let in-flight work and stream teardown finish before the next CPU snapshot."""
+    time.sleep(seconds)
+
+
+def perf_analyzer_env(cuda_lib_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cuda_lib_dir), env.get("LD_LIBRARY_PATH")) if p)
+    return env
