@@ -15,16 +15,27 @@ Token counts come from the servers themselves: `num_output_tokens` per ensemble 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The prompts of every benchmark here (CPU `make bench` and benchmarks/gpu_bench.sh): short, so the cost
+# under study is per output token, and open-ended, so the model talks until max_tokens.
+MESSAGES = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a bicycle gear system works, step by step.",
+    "Describe a busy city market in the morning, with many details.",
+    "Write a detailed guide to planting a vegetable garden for beginners.",
+]
 
 
 @dataclass
@@ -64,11 +75,14 @@ def _pct(values: Sequence[float], q: int) -> float | None:
 
 # --- input data ---------------------------------------------------------------------------------------
 
-def ensemble_input_data(prompts: Sequence[str], max_tokens: int) -> dict[str, Any]:
+
+def ensemble_input_data(prompts: Sequence[str], max_tokens: int, min_tokens: int = 0) -> dict[str, Any]:
     """`text_input` is the rendered prompt; greedy exactly as the gateway sends it (top_k 1, top_p 1, T 1)."""
+    extra = {"min_tokens": [min_tokens]} if min_tokens else {}
     return {
         "data": [
             {
+                **extra,
                 "text_input": [p],
                 "max_tokens": [max_tokens],
                 "stream": [True],
@@ -122,6 +136,7 @@ def engine_input_data(prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> d
 
 # --- running perf_analyzer ----------------------------------------------------------------------------
 
+
 @dataclass
 class PerfAnalyzer:
     binary: Path
@@ -150,24 +165,37 @@ class PerfAnalyzer:
         data_file.write_text(json.dumps(input_data))
         export.unlink(missing_ok=True)
         common = [
-            "--async", f"--input-data={data_file}", f"--concurrency-range={concurrency}",
-            f"--request-count={requests}", f"--profile-export-file={export}",
-            "--stability-percentage=999", "--max-trials=1", "--measurement-interval=600000",
+            "--async",
+            f"--input-data={data_file}",
+            f"--concurrency-range={concurrency}",
+            f"--request-count={requests}",
+            f"--profile-export-file={export}",
+            "--stability-percentage=999",
+            "--max-trials=1",
+            "--measurement-interval=600000",
         ]
         if kind == "triton":
             cmd = [str(self.binary), "-m", model, "-i", "grpc", "-u", url, "--streaming", *common]
         else:
-            cmd = [str(self.binary), "-m", model, "--service-kind=openai", "--endpoint=v1/chat/completions",
-                   "-u", url, *common]
+            cmd = [
+                str(self.binary),
+                "-m",
+                model,
+                "--service-kind=openai",
+                "--endpoint=v1/chat/completions",
+                "-u",
+                url,
+                *common,
+            ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=900)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         (workdir / f"{name}.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
         if proc.returncode != 0 or not export.exists():
-            raise RuntimeError(f"perf_analyzer {name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+            raise RuntimeError(f"perf_analyzer {name} failed ({proc.returncode}):\n{tail}")
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        # Streamed text_output may end mid-character (byte-fallback tokens): not valid UTF-8 on its own.
-        return json.loads(export.read_bytes().decode("utf-8", "replace")), cpu
+        return load_export(export), cpu
 
 
 def _requests(export: dict[str, Any]) -> list[dict[str, Any]]:
@@ -271,3 +299,47 @@ def perf_analyzer_env(cuda_lib_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cuda_lib_dir), env.get("LD_LIBRARY_PATH")) if p)
     return env
+
+
+def load_export(path: Path) -> dict[str, Any]:
+    # Streamed text_output may end mid-character (byte-fallback tokens): not valid UTF-8 on its own.
+    return json.loads(path.read_bytes().decode("utf-8", "replace"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI for benchmarks/gpu_bench.sh (stdlib only, so it runs in NVIDIA's SDK image as it is)."""
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.loads")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    inputs = sub.add_parser("inputs", help="write ensemble.json and openai.json (the benchmark prompts)")
+    inputs.add_argument("out_dir", type=Path)
+    inputs.add_argument("--model", required=True, help="model id the gateway serves")
+    inputs.add_argument("--max-tokens", type=int, default=256)
+    summarize = sub.add_parser("summarize", help="TTFT/ITL/tokens per perf_analyzer export")
+    summarize.add_argument("exports", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.cmd == "inputs":
+        from gemma3_core.chat_template import render_chat
+
+        prompts = [render_chat([{"role": "user", "content": m}]) for m in MESSAGES]
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        data = ensemble_input_data(prompts, args.max_tokens, min_tokens=args.max_tokens)
+        (args.out_dir / "ensemble.json").write_text(json.dumps(data))
+        (args.out_dir / "openai.json").write_text(
+            json.dumps(openai_input_data(MESSAGES, args.model, args.max_tokens))
+        )
+        return 0
+    print("| export | requests | tokens | tok/s | TTFT p50/p95 ms | ITL p50/p95 ms |")
+    print("|---|---|---|---|---|---|")
+    for path in args.exports:
+        export = load_export(path)
+        is_openai = "openai" in path.name
+        s = (parse_openai(export) if is_openai else parse_triton(export)).summary()
+        print(
+            f"| {path.name} | {s['requests']} | {s['tokens']} | {s['tokens_per_s']} | {s['ttft_p50_ms']}/"
+            f"{s['ttft_p95_ms']} | {s['itl_p50_ms']}/{s['itl_p95_ms']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

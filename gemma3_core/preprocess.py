@@ -62,10 +62,10 @@ def prepare_request(
     pixel_values = extra = None
     if images:
         # Imported lazily: text-only deployments need neither Pillow decoding nor the image code path.
-        from gemma3_core.images import ImageError, expand_image_placeholders, image_content_hash, preprocess
+        from gemma3_core.images import ImageError, expand_image_placeholders, image_content_hash, preprocess_image_bytes
 
         try:
-            pixel_values = np.stack([preprocess(data) for data in images]).astype(np.float32, copy=False)
+            pixel_values = np.concatenate([preprocess_image_bytes(data).pixel_values for data in images])
         except ImageError as exc:
             raise PrepError(str(exc)) from exc
         ids = encode(tok, expand_image_markers(prompt))

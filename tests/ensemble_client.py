@@ -100,6 +100,8 @@ def ensemble_inputs(prompt: str, max_tokens: int, *, stream_: bool = True, **ext
         if name in ("stop_words", "bad_words", "images"):
             # object arrays: numpy's fixed-width bytes would strip trailing NULs from image files
             out.append(tensor(name, np.array([list(value)], dtype=object)))
+        elif name.startswith("guided_decoding"):
+            out.append(tensor(name, np.array([[value.encode()]], dtype=object)))
         else:
             out.append(tensor(name, [[value]], dtypes[name]))
     return out

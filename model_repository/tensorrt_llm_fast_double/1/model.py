@@ -16,6 +16,7 @@ like an engine's batch size, the rest wait in arrival order.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -36,7 +37,22 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # "Hello, world! café 日本語 naïve 🙂€ über— tokens\n" in Gemma 3 ids (same vocabulary for 270M and 27B):
 # 464, 368, 410 are the byte-fallback pieces <0xE2><0x82><0xAC> of "€", so a character crosses responses.
 TOKEN_CYCLE: tuple[int, ...] = (
-    9259, 236764, 1902, 236888, 33443, 33375, 238582, 120362, 57235, 464, 368, 410, 8046, 237028, 21739, 107,
+    9259,
+    236764,
+    1902,
+    236888,
+    33443,
+    33375,
+    238582,
+    120362,
+    57235,
+    464,
+    368,
+    410,
+    8046,
+    237028,
+    21739,
+    107,
 )
 # is_cancelled() is an IPC round trip to tritonserver; polling it per token would bill the double's own
 # work to the server we are measuring, so it is polled at most this often per request.
@@ -139,10 +155,8 @@ class _Pacer:
 
 
 def _send_error(st: _Stream, message: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the client may be gone already
         st.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
-    except Exception:  # the client may be gone already
-        pass
 
 
 def _respond(st: _Stream, ids: list[int], final: bool) -> None:
@@ -168,10 +182,8 @@ def _step(st: _Stream, now: float) -> bool:
     if now >= st.next_poll:
         st.next_poll = now + CANCEL_POLL_S
         if st.sender.is_cancelled():
-            try:
+            with contextlib.suppress(Exception):  # a cancelled request may refuse responses
                 _respond(st, [], True)
-            except Exception:  # a cancelled request may refuse responses
-                pass
             return True
     token = TOKEN_CYCLE[st.pos % len(TOKEN_CYCLE)]
     st.pos += 1
@@ -184,7 +196,9 @@ def _step(st: _Stream, now: float) -> bool:
         st.pos += 1
     st.generated.append(token)
     gen = st.generated
-    stopped = len(gen) >= st.min_tokens and any(len(w) <= len(gen) and gen[-len(w):] == w for w in st.stop_words)
+    stopped = len(gen) >= st.min_tokens and any(
+        len(w) <= len(gen) and gen[-len(w) :] == w for w in st.stop_words
+    )
     done = len(gen) >= st.max_new or stopped
     if st.streaming:
         _respond(st, [token], done)
@@ -212,7 +226,8 @@ class TritonPythonModel:
             try:
                 self.pacer.submit(self._parse(request, sender))
             except Exception as exc:  # bad input: a clean Triton error, never a hung stream
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm: {exc}")), flags=FINAL)
+                error = pb_utils.TritonError(f"tensorrt_llm: {exc}")
+                sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         return None
 
     def finalize(self) -> None:
@@ -230,7 +245,7 @@ class TritonPythonModel:
         if max_new <= 0:
             raise DoubleRequestError(f"request_output_len must be at least 1, got {max_new}")
         if ids.size >= self.max_seq_len:
-            raise DoubleRequestError(f"prompt has {ids.size} tokens; the context is {self.max_seq_len} tokens")
+            raise DoubleRequestError(f"prompt has {ids.size} tokens; the context is {self.max_seq_len}")
         stop = tensor(request, "stop_words_list")
         return _Stream(
             sender=sender,

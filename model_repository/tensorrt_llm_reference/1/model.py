@@ -146,5 +146,10 @@ class TritonPythonModel:
         text = guide.reshape(-1)[0] if guide is not None and guide.size else b""
         kind = kind.decode() if isinstance(kind, bytes) else str(kind)
         text = text.decode() if isinstance(text, bytes) else str(text)
-        info = tokenizer_info_from_tokenizer_json(os.path.join(self.tokenizer_dir, "tokenizer.json"), self.vocab_size)
+        from gemma3_core.tokenizer import load_tokenizer
+
+        # xgrammar needs room for every tokenizer entry: the 270M's logits (262144) stop short of the
+        # added <image_soft_token> (262144); masking handles the narrower logits.
+        width = max(self.vocab_size, load_tokenizer(self.tokenizer_dir).get_vocab_size(with_added_tokens=True))
+        info = tokenizer_info_from_tokenizer_json(os.path.join(self.tokenizer_dir, "tokenizer.json"), width)
         return GuidedDecoder.create(kind, text, info)

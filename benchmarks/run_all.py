@@ -1,0 +1,486 @@
+"""`make bench`: the whole CPU benchmark in one session, then docs/benchmarks.md and its plots.
+
+    .venv-sys/bin/python -m benchmarks.run_all            # ~5-8 min on 2 cores
+
+Environments. The system under test (tritonserver's Python stubs, the gateway, transformers for the floor)
+runs in the runtime virtualenv this script is started with (Debian's python3.11: the stub embeds it). The
+measurement tools live in `.venv-bench`, created here if missing: perf_analyzer from the tritonclient
+2.51.0 wheel (the last one whose binary runs on Debian 12's glibc), libcudart.so.12 from
+nvidia-cuda-runtime-cu12 (perf_analyzer links it; no GPU is used) and matplotlib. None of it is installed
+into the runtime. perf_analyzer also needs Debian's `libb64-0d`.
+
+Phases (each starts its own tritonserver and gateway, on private ports):
+1. fast test double paced like a GPU engine (10 ms/token): perf_analyzer on the ensemble (gRPC streaming)
+   and on the gateway (OpenAI SSE) at concurrency 1, 8, 32, with per-process CPU accounting;
+2. the double unpaced (as fast as it can send) at concurrency 32: the per-token CPU cost of each component,
+   plus two calibration paths -- perf_analyzer straight to `tensorrt_llm`, and `ensemble_ids` (the ensemble
+   without postprocessing, rendered only here) -- which isolate the engine double and the detokenizer step;
+3. the real Gemma 3 270M reference engine: ensemble and gateway at concurrency 1 and 8;
+4. transformers generate on the same checkpoint and prompts (the floor), with no server running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import loads  # noqa: E402
+from benchmarks.procstat import ProcessGroup, component, delta  # noqa: E402
+
+BENCH_VENV = REPO / ".venv-bench"
+BENCH_REQUIREMENTS = REPO / "benchmarks" / "requirements-bench.txt"
+WORK = REPO / "build" / "bench"
+DOCS = REPO / "docs"
+MODEL_ID = "gemma-3-270m"
+MESSAGES = loads.MESSAGES
+
+
+@dataclass
+class Config:
+    fd_interval_us: int = 10_000  # ≈ an H100 decode step for the 27B int4 (docs/benchmarks.md)
+    fd_tokens: int = 128
+    real_tokens: int = 48
+    c1_requests: int = 8
+    c8_requests: int = 32
+    c32_requests: int = 64
+    real_c1_requests: int = 4
+    real_c8_requests: int = 8
+    # One engine thread: the engine then has a core to itself while tritonserver, the gateway and
+    # perf_analyzer share the other (as on a GPU server, where the engine does not compete with the
+    # serving stack for compute); it also avoids OpenMP spin-waits on a shared 2-core machine.
+    engine_threads: int = 1
+    out_md: Path = DOCS / "benchmarks.md"
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- the benchmark environment ------------------------------------------------------------------------
+
+
+def ensure_bench_env() -> loads.PerfAnalyzer:
+    py = BENCH_VENV / "bin" / "python"
+    stamp = BENCH_VENV / ".requirements"
+    wanted = BENCH_REQUIREMENTS.read_text()
+    if not py.exists() or not stamp.exists() or stamp.read_text() != wanted:
+        log(f"creating {BENCH_VENV} (perf_analyzer, libcudart, matplotlib) ...")
+        subprocess.run(["/usr/bin/python3.11", "-m", "venv", str(BENCH_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(BENCH_REQUIREMENTS)], check=True)
+        stamp.write_text(wanted)
+    site = next((BENCH_VENV / "lib").glob("python3*/site-packages"))
+    cuda_lib = site / "nvidia" / "cuda_runtime" / "lib"
+    pa = loads.PerfAnalyzer(BENCH_VENV / "bin" / "perf_analyzer", loads.perf_analyzer_env(cuda_lib))
+    probe = subprocess.run([str(pa.binary), "--version"], capture_output=True, text=True, env=pa.env)
+    if probe.returncode != 0:
+        hint = "apt-get install -y libb64-0d" if "libb64" in probe.stderr else "see the error"
+        raise SystemExit(f"perf_analyzer does not start ({hint}):\n{probe.stderr.strip()}")
+    return pa
+
+
+# --- servers ------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def render_repo(target: str, out: Path, extra: dict[str, str], max_batch_size: int) -> Path:
+    from build_engine.cpu import prepare, repository_values
+    from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+
+    values = {**repository_values(prepare(), max_batch_size=max_batch_size, max_seq_len=2048), **extra}
+    used: set[str] = set()
+    for src, _ in TARGET_MODELS[target]:
+        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
+    render(target, out, {k: v for k, v in values.items() if k in used})  # cpu-fast-double has no vision
+    return out
+
+
+def add_ids_ensemble(repo: Path) -> None:
+    """`ensemble_ids`: the ensemble minus postprocessing, streaming `output_ids` (calibration only)."""
+    text = (repo / "ensemble" / "config.pbtxt").read_text()
+    start = text.index('    {\n      model_name: "postprocessing"')
+    text = text[:start].rstrip().rstrip(",") + "\n" + text[text.index("  ]\n}", start) :]
+    text = text.replace('name: "ensemble"', 'name: "ensemble_ids"')
+    text = text.replace('      output_map { key: "sequence_length" value: "_SEQUENCE_LENGTH" }\n', "")
+    text = text.replace('value: "_TOKENS_BATCH"', 'value: "output_ids"')
+    text = text.replace(
+        '{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }',
+        '{ name: "output_ids" data_type: TYPE_INT32 dims: [ -1, -1 ] }',
+    )
+    (repo / "ensemble_ids" / "1").mkdir(parents=True, exist_ok=True)
+    (repo / "ensemble_ids" / "config.pbtxt").write_text(text)
+
+
+@dataclass
+class Stack:
+    triton: Any  # stack.triton_launcher.TritonProcess
+    gateway: subprocess.Popen[bytes]
+    gateway_url: str
+    tokenizer_dir: str
+
+    def processes(self) -> ProcessGroup:
+        return ProcessGroup.triton(self.triton.proc.pid, self.gateway.pid)
+
+
+@contextlib.contextmanager
+def serve(repo: Path, name: str, tokenizer_dir: str, engine_threads: int) -> Iterator[Stack]:
+    from stack.triton_launcher import TritonPorts, start
+
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    triton_log = (logs / f"{name}.tritonserver.log").open("w")
+    os.environ["REFERENCE_ENGINE_THREADS"] = str(engine_threads)
+    ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+    triton = start(
+        repo,
+        ports=ports,
+        workdir=WORK / f".triton-{name}",
+        log_sink=lambda line: (triton_log.write(line + "\n"), triton_log.flush()),
+    )
+    gateway = None
+    try:
+        triton.wait_ready(timeout=600)
+        port = free_port()
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "TRITON_GRPC_URL": triton.grpc_url,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_MODEL_ID": MODEL_ID,
+            "GATEWAY_MODEL_ALIASES": "",
+            "GATEWAY_TOKENIZER_DIR": tokenizer_dir,
+            "GATEWAY_MAX_MODEL_LEN": "2048",
+        }
+        with (logs / f"{name}.gateway.log").open("wb") as glog:
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "gateway"], cwd=REPO, env=env, stdout=glog, stderr=subprocess.STDOUT
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if gateway.poll() is not None:
+                raise RuntimeError(f"gateway exited ({gateway.returncode}); see {logs}/{name}.gateway.log")
+            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway not ready after 120 s")
+            time.sleep(0.3)
+        yield Stack(triton, gateway, url, tokenizer_dir)
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.terminate()
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        triton.stop()
+        triton_log.close()
+
+
+# --- one load point -----------------------------------------------------------------------------------
+
+
+def measure(
+    pa: loads.PerfAnalyzer,
+    stack: Stack,
+    *,
+    path: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompts: list[str],
+    name: str,
+) -> dict[str, Any]:
+    """Run one perf_analyzer point and return its latency/throughput summary plus CPU µs per token."""
+    group = stack.processes()
+    if path == "gateway":
+        data = loads.openai_input_data(MESSAGES, MODEL_ID, max_tokens)
+        kind, url, model = "openai", stack.gateway_url.removeprefix("http://"), MODEL_ID
+    elif path == "engine":
+        from gemma3_core.tokenizer import encode, load_tokenizer
+
+        tok = load_tokenizer(stack.tokenizer_dir)
+        data = loads.engine_input_data([encode(tok, p) for p in prompts], max_tokens)
+        kind, url, model = "triton", stack.triton.grpc_url, "tensorrt_llm"
+    else:  # "ensemble" or "ensemble_ids"
+        data = loads.ensemble_input_data(prompts, max_tokens)
+        kind, url, model = "triton", stack.triton.grpc_url, path
+    loads.wait_idle(0.3)
+    before = group.snapshot()
+    export, pa_cpu = pa.run(
+        kind=kind,
+        url=url,
+        model=model,
+        input_data=data,
+        concurrency=concurrency,
+        requests=requests,
+        workdir=WORK / "pa",
+        name=name,
+    )
+    loads.wait_idle(0.5)  # stream teardown is part of the cost
+    cpu = delta(before, group.snapshot())
+    stats = loads.parse_openai(export) if kind == "openai" else loads.parse_triton(export)
+    summary = stats.summary()
+    per_token: dict[str, float] = {}
+    for label, seconds in cpu.items():
+        key = component(label)
+        per_token[key] = per_token.get(key, 0.0) + seconds
+    summary["cpu_us_per_token"] = {
+        k: round(v / stats.tokens * 1e6, 1) if stats.tokens else None for k, v in per_token.items()
+    }
+    summary["perf_analyzer_cpu_us_per_token"] = round(pa_cpu / stats.tokens * 1e6, 1) if stats.tokens else 0
+    summary.update(path=path, concurrency=concurrency, max_tokens=max_tokens)
+    log(
+        f"{name}: {stats.tokens} tok, {summary['tokens_per_s']} tok/s, TTFT p50 {summary['ttft_p50_ms']} ms, "
+        f"ITL p50 {summary['itl_p50_ms']} ms, CPU µs/tok {summary['cpu_us_per_token']}"
+    )
+    if stats.errors:
+        log(f"{name}: {stats.errors} requests without output")
+    return summary
+
+
+def warm(pa: loads.PerfAnalyzer, stack: Stack, prompts: list[str], max_tokens: int) -> None:
+    for path in ("ensemble", "gateway"):
+        measure(
+            pa,
+            stack,
+            path=path,
+            concurrency=1,
+            requests=2,
+            max_tokens=max_tokens,
+            prompts=prompts,
+            name=f"warmup-{path}",
+        )
+
+
+# --- phases -------------------------------------------------------------------------------------------
+
+
+def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
+    runs: list[dict[str, Any]] = []
+    interval = str(cfg.fd_interval_us)
+    pacing = {"fast_double_token_interval_us": interval, "fast_double_first_token_delay_us": interval}
+    repo = render_repo(
+        "cpu-fast-double", WORK / "repo-fd-paced" / "model_repository", pacing, max_batch_size=64
+    )
+    log(f"phase 1: fast double paced at {cfg.fd_interval_us} µs/token")
+    with serve(repo, "fd-paced", tokenizer_dir, cfg.engine_threads) as stack:
+        warm(pa, stack, prompts, 16)
+        for conc, n in ((1, cfg.c1_requests), (8, cfg.c8_requests), (32, cfg.c32_requests)):
+            for path in ("ensemble", "gateway"):
+                runs.append(
+                    measure(
+                        pa,
+                        stack,
+                        path=path,
+                        concurrency=conc,
+                        requests=n,
+                        max_tokens=cfg.fd_tokens,
+                        prompts=prompts,
+                        name=f"fd-paced-{path}-c{conc}",
+                    )
+                )
+    cfg.results["fast_double_paced"] = {"interval_us": cfg.fd_interval_us, "runs": runs}
+
+    runs = []
+    repo = render_repo(
+        "cpu-fast-double",
+        WORK / "repo-fd-max" / "model_repository",
+        {"fast_double_token_interval_us": "0", "fast_double_first_token_delay_us": "0"},
+        max_batch_size=64,
+    )
+    add_ids_ensemble(repo)
+    log("phase 2: fast double unpaced (CPU cost per token at saturation)")
+    with serve(repo, "fd-max", tokenizer_dir, cfg.engine_threads) as stack:
+        warm(pa, stack, prompts, 16)
+        for path in ("engine", "ensemble_ids", "ensemble", "gateway"):
+            runs.append(
+                measure(
+                    pa,
+                    stack,
+                    path=path,
+                    concurrency=32,
+                    requests=cfg.c32_requests,
+                    max_tokens=cfg.fd_tokens,
+                    prompts=prompts,
+                    name=f"fd-max-{path}-c32",
+                )
+            )
+    cfg.results["fast_double_max"] = {"interval_us": 0, "runs": runs}
+
+
+def phase_real(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
+    runs: list[dict[str, Any]] = []
+    repo = render_repo("cpu", WORK / "repo-real" / "model_repository", {}, max_batch_size=8)
+    log("phase 3: real Gemma 3 270M reference engine")
+    with serve(repo, "real", tokenizer_dir, cfg.engine_threads) as stack:
+        warm(pa, stack, prompts, 8)
+        for conc, n in ((1, cfg.real_c1_requests), (8, cfg.real_c8_requests)):
+            for path in ("ensemble", "gateway"):
+                runs.append(
+                    measure(
+                        pa,
+                        stack,
+                        path=path,
+                        concurrency=conc,
+                        requests=n,
+                        max_tokens=cfg.real_tokens,
+                        prompts=prompts,
+                        name=f"real-{path}-c{conc}",
+                    )
+                )
+    cfg.results["real"] = {"runs": runs}
+
+
+def phase_bare(cfg: Config, prompts: list[str], hf_dir: str) -> None:
+    log("phase 4: bare transformers generate (floor)")
+    prompts_file = WORK / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts[: cfg.real_c1_requests]))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bare_generate",
+            "--model-dir",
+            hf_dir,
+            "--prompts-file",
+            str(prompts_file),
+            "--max-tokens",
+            str(cfg.real_tokens),
+            "--threads",
+            str(cfg.engine_threads),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    bare = json.loads(out.stdout)
+    log(f"bare generate: {bare['tokens']} tok, {bare['tokens_per_s']} tok/s")
+    cfg.results["bare"] = bare
+
+
+# --- environment facts --------------------------------------------------------------------------------
+
+
+def machine_facts(pa: loads.PerfAnalyzer) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    os_name = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    versions = {}
+    packages = (
+        "nvidia-pytriton",
+        "tritonclient",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "fastapi",
+        "uvicorn",
+        "grpcio",
+        "numpy",
+    )
+    for pkg in packages:
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = "-"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "os": os_name,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "perf_analyzer": pa.version(),
+        "tritonserver": "2.51.0 (from nvidia-pytriton 0.7.0)",
+        "versions": versions,
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--skip-real", action="store_true", help="fast double phases only")
+    parser.add_argument("--report-only", action="store_true", help="re-render docs from the last results")
+    args = parser.parse_args(argv)
+    # `kill` must still stop the servers (the `serve` context managers), as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cfg = Config()
+    results_file = DOCS / "benchmarks" / "results.json"
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    pa = ensure_bench_env()
+    if not args.report_only:
+        from build_engine.cpu import prepare
+        from gemma3_core.chat_template import render_chat
+
+        art = prepare()
+        prompts = [render_chat([{"role": "user", "content": m}]) for m in MESSAGES]
+        if WORK.exists():
+            shutil.rmtree(WORK)
+        cfg.results["machine"] = machine_facts(pa)
+        cfg.results["config"] = {
+            "messages": MESSAGES,
+            "fast_double_tokens": cfg.fd_tokens,
+            "real_tokens": cfg.real_tokens,
+            "engine_threads": cfg.engine_threads,
+        }
+        phase_fast_double(pa, cfg, prompts, str(art.tokenizer_dir))
+        if not args.skip_real:
+            phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
+            phase_bare(cfg, prompts, str(art.hf_dir))
+        cfg.results["elapsed_s"] = round(time.monotonic() - t0, 1)
+        results_file.write_text(json.dumps(cfg.results, indent=1))
+    subprocess.run(
+        [str(BENCH_VENV / "bin" / "python"), "-m", "benchmarks.report", str(results_file), str(cfg.out_md)],
+        cwd=REPO,
+        check=True,
+    )
+    log(f"wrote {cfg.out_md} in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

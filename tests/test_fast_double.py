@@ -1,0 +1,220 @@
+"""The fast TEST DOUBLE of `tensorrt_llm` honours the engine contract through the real ensemble.
+
+Starts its own tritonserver (render target `cpu-fast-double`) on free ports; needs only the tokenizer of the
+prepared CPU artifacts (no model weights are loaded), so it runs in a few seconds once they exist.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from build_engine.cpu import CpuArtifacts, cache_root, repository_values
+from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+
+pytestmark = pytest.mark.e2e
+
+# The double's fixed cycle (model_repository/tensorrt_llm_fast_double/1/model.py), decoded.
+CYCLE_TEXT = "Hello, world! café 日本語 naïve 🙂€ über— tokens\n".encode()
+CYCLE_LEN = 16
+INTERVAL_US = 2000
+PROMPT = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cycle_bytes(n: int) -> bytes:
+    """Bytes of the first n tokens of the cycle (byte-fallback tokens 10-12 are the 3 bytes of '€')."""
+    from gemma3_core.detokenize import ByteDetokenizer
+    from gemma3_core.tokenizer import load_tokenizer
+
+    ids = [
+        9259,
+        236764,
+        1902,
+        236888,
+        33443,
+        33375,
+        238582,
+        120362,
+        57235,
+        464,
+        368,
+        410,
+        8046,
+        237028,
+        21739,
+        107,
+    ]
+    tok = load_tokenizer(cache_root() / "hf" / "gemma-3-270m")
+    return ByteDetokenizer(tok).token_bytes([ids[i % CYCLE_LEN] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    art = CpuArtifacts(cache_root())
+    if not (art.tokenizer_dir / "tokenizer.json").exists():
+        pytest.skip(f"CPU artifacts not prepared at {art.root} (run `python -m build_engine cpu`)")
+    from stack.triton_launcher import TritonPorts, start
+
+    values = {
+        **repository_values(art, max_batch_size=8, max_seq_len=256),
+        "fast_double_token_interval_us": str(INTERVAL_US),
+        "fast_double_first_token_delay_us": "0",
+    }
+    used: set[str] = set()
+    for src, _ in TARGET_MODELS["cpu-fast-double"]:
+        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
+    repo = tmp_path_factory.mktemp("fast_double") / "model_repository"
+    render("cpu-fast-double", repo, {k: v for k, v in values.items() if k in used})
+    log = (repo.parent / "tritonserver.log").open("w")
+    proc = start(
+        repo,
+        ports=TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port()),
+        log_sink=lambda line: (log.write(line + "\n"), log.flush()),
+    )
+    try:
+        proc.wait_ready(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+        log.close()
+        print(f"[test_fast_double] log: {repo.parent / 'tritonserver.log'}", file=sys.stderr)
+
+
+def _stream(
+    url: str, model: str, inputs: dict[str, np.ndarray], *, cancel_after: int | None = None
+) -> list[Any]:
+    """Send one request on a gRPC stream; return its results until the final flag (or cancellation)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    results: queue.Queue[Any] = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put(error or result))
+    tensors = []
+    for name, value in inputs.items():
+        t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        t.set_data_from_numpy(value)
+        tensors.append(t)
+    client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+    out: list[Any] = []
+    try:
+        while True:
+            item = results.get(timeout=30)
+            if isinstance(item, Exception):
+                out.append(item)
+                return out
+            out.append(item)
+            final = item.get_response().parameters["triton_final_response"].bool_param
+            if final:
+                return out
+            if cancel_after is not None and len(out) >= cancel_after:
+                client.stop_stream(cancel_requests=True)
+                return out
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def _ensemble_inputs(max_tokens: int, stream: bool, **extra: Any) -> dict[str, np.ndarray]:
+    inputs = {
+        "text_input": np.array([[PROMPT.encode()]], dtype=object),
+        "max_tokens": np.array([[max_tokens]], dtype=np.int32),
+        "stream": np.array([[stream]], dtype=bool),
+        "exclude_input_in_output": np.array([[True]], dtype=bool),
+        "return_num_input_tokens": np.array([[True]], dtype=bool),
+        "return_num_output_tokens": np.array([[True]], dtype=bool),
+    }
+    for name, value in extra.items():
+        inputs[name] = np.array([[value]], dtype=np.int32)
+    return inputs
+
+
+def _text(results: list[Any]) -> bytes:
+    out = b""
+    for r in results:
+        arr = r.as_numpy("text_output")
+        if arr is not None:
+            out += b"".join(arr.reshape(-1))
+    return out
+
+
+def _count(results: list[Any], name: str) -> list[int]:
+    return [int(r.as_numpy(name).reshape(-1)[0]) for r in results if r.as_numpy(name) is not None]
+
+
+def test_streaming_emits_the_cycle_one_token_per_response(double_server: Any) -> None:
+    n = 20  # > one cycle: the split '€' and the wrap-around are both covered
+    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(n, True))
+    assert not any(isinstance(r, Exception) for r in results), results
+    with_output = [r for r in results if _count([r], "num_output_tokens")]
+    assert _count(with_output, "num_output_tokens") == [1] * n
+    assert _text(results) == _cycle_bytes(n)
+    assert "€ über".encode() in _text(results)
+    n_in = set(_count(with_output, "num_input_tokens"))
+    assert len(n_in) == 1 and n_in.pop() > 5
+
+
+def test_non_streaming_is_one_response_with_the_same_text(double_server: Any) -> None:
+    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(7, False))
+    with_output = [
+        r for r in results if r.as_numpy("text_output") is not None and _count([r], "num_output_tokens")
+    ]
+    assert len(with_output) == 1
+    assert _count(with_output, "num_output_tokens") == [7]
+    assert _text(results) == _cycle_bytes(7)
+
+
+def test_end_id_stops_without_emitting_it(double_server: Any) -> None:
+    # end_id = '!' (4th id of the cycle): three tokens, '!' is not output.
+    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(10, True, end_id=236888))
+    assert _text(results) == b"Hello, world"
+    assert sum(_count(results, "num_output_tokens")) == 3
+
+
+def test_paced_at_the_configured_interval(double_server: Any) -> None:
+    start = time.perf_counter()
+    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(25, True))
+    elapsed = time.perf_counter() - start
+    assert sum(_count(results, "num_output_tokens")) == 25
+    assert elapsed >= 24 * INTERVAL_US / 1e6  # an absolute schedule never runs early
+
+
+def test_cancellation_stops_generation(double_server: Any) -> None:
+    # A long request cancelled after a few tokens; the server must stay healthy and serve the next one.
+    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(200, True), cancel_after=3)
+    assert len(results) >= 3
+    follow = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(2, True))
+    assert _text(follow) == _cycle_bytes(2)
+
+
+def test_direct_engine_contract_and_errors(double_server: Any) -> None:
+    ids = np.array([[2, 9259, 1902]], dtype=np.int32)
+    inputs = {
+        "input_ids": ids,
+        "input_lengths": np.array([[3]], dtype=np.int32),
+        "request_output_len": np.array([[4]], dtype=np.int32),
+        "streaming": np.array([[False]], dtype=bool),
+    }
+    results = _stream(double_server.grpc_url, "tensorrt_llm", inputs)
+    out = [r for r in results if r.as_numpy("output_ids") is not None and r.as_numpy("output_ids").size]
+    assert len(out) == 1
+    # exclude_input_in_output unset: the prompt comes back in front of the new tokens, as TensorRT-LLM does.
+    assert out[0].as_numpy("output_ids").reshape(-1).tolist() == [2, 9259, 1902, 9259, 236764, 1902, 236888]
+    assert int(out[0].as_numpy("sequence_length").reshape(-1)[0]) == 7
+    assert int(out[0].as_numpy("num_input_tokens").reshape(-1)[0]) == 3
+    bad = {**inputs, "request_output_len": np.array([[0]], dtype=np.int32)}
+    errors = _stream(double_server.grpc_url, "tensorrt_llm", bad)
+    assert isinstance(errors[-1], Exception) and "request_output_len" in str(errors[-1])
