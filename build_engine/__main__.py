@@ -26,15 +26,26 @@ def _cpu(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m build_engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m build_engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="stage", required=True)
-    cpu = sub.add_parser("cpu", help="prepare Gemma 3 270M (GGUF -> HF, cached) and render the CPU repository")
-    cpu.add_argument("--out", default=str(DEFAULT_CPU_REPO), help="rendered repository (default: %(default)s)")
-    cpu.add_argument("--cache-dir", default=None, help="model cache (default: $GEMMA3_CACHE_DIR or ~/.cache/gemma3-triton)")
+    cpu = sub.add_parser(
+        "cpu", help="prepare Gemma 3 270M (GGUF -> HF, cached) and render the CPU repository"
+    )
+    cpu.add_argument(
+        "--out", default=str(DEFAULT_CPU_REPO), help="rendered repository (default: %(default)s)"
+    )
+    cpu.add_argument(
+        "--cache-dir", default=None, help="model cache (default: $GEMMA3_CACHE_DIR or ~/.cache/gemma3-triton)"
+    )
     cpu.add_argument("--max-batch-size", type=int, default=8)
     cpu.add_argument("--max-seq-len", type=int, default=4096)
-    cpu.add_argument("--dry-run", action="store_true", help="print the rendered configs instead of writing them")
+    cpu.add_argument(
+        "--dry-run", action="store_true", help="print the rendered configs instead of writing them"
+    )
     cpu.set_defaults(func=_cpu)
     try:
         from build_engine.gpu.cli import add_gpu_commands

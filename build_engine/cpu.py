@@ -107,7 +107,9 @@ def _convert(gguf: Path) -> Callable[[Path], None]:
         if tok.convert_tokens_to_ids(C.IMAGE_SOFT_TOKEN) != C.IMAGE_SOFT_TOKEN_ID or added != 1:
             raise RuntimeError(f"{C.IMAGE_SOFT_TOKEN} did not get id {C.IMAGE_SOFT_TOKEN_ID}")
         log("dequantizing the GGUF weights into a float32 checkpoint ...")
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         # The weights are dequantized: drop the GGUF quantizer so the checkpoint saves as plain safetensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -142,11 +144,18 @@ def prepare(root: Path | None = None) -> CpuArtifacts:
         {"package": pkg_version, "converter": CONVERTER_VERSION, "transformers": transformers.__version__},
         _convert(art.gguf),
     )
-    _step("synthetic vision encoder", art.vision_dir, {"seed": "0", "converter": CONVERTER_VERSION}, _vision(art.hf_dir))
+    _step(
+        "synthetic vision encoder",
+        art.vision_dir,
+        {"seed": "0", "converter": CONVERTER_VERSION},
+        _vision(art.hf_dir),
+    )
     return art
 
 
-def repository_values(art: CpuArtifacts, *, max_batch_size: int = 8, max_seq_len: int = 4096) -> dict[str, str]:
+def repository_values(
+    art: CpuArtifacts, *, max_batch_size: int = 8, max_seq_len: int = 4096
+) -> dict[str, str]:
     """Template values for `render("cpu", ...)`."""
     return {
         "triton_max_batch_size": str(max_batch_size),

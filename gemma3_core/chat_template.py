@@ -40,7 +40,9 @@ def _system_prefix(content: Any) -> str:
         return content + "\n\n"
     if isinstance(content, Sequence) and content and isinstance(content[0], Mapping):
         return str(content[0].get("text", "")) + "\n\n"
-    raise TemplateError("system message content must be a string or a list of text parts", "messages[0].content")
+    raise TemplateError(
+        "system message content must be a string or a list of text parts", "messages[0].content"
+    )
 
 
 def _content(content: Any, param: str) -> str:

@@ -32,7 +32,7 @@ class ByteDetokenizer:
     def __len__(self) -> int:
         return len(self._table)
 
-    def token_bytes(self, ids) -> bytes:  # noqa: ANN001 - any iterable of ints (list, numpy row)
+    def token_bytes(self, ids) -> bytes:
         table, n = self._table, len(self._table)
         # Ids past the tokenizer (embedding padding rows of the 27B) decode to nothing, never raise.
         return b"".join([table[i] if 0 <= i < n else b"" for i in map(int, ids)])

@@ -62,14 +62,21 @@ def prepare_request(
     pixel_values = extra = None
     if images:
         # Imported lazily: text-only deployments need neither Pillow decoding nor the image code path.
-        from gemma3_core.images import ImageError, expand_image_placeholders, image_content_hash, preprocess_image_bytes
+        from gemma3_core.images import (
+            ImageError,
+            expand_image_placeholders,
+            image_content_hash,
+            preprocess_image_bytes,
+        )
 
         try:
             pixel_values = np.concatenate([preprocess_image_bytes(data).pixel_values for data in images])
         except ImageError as exc:
             raise PrepError(str(exc)) from exc
         ids = encode(tok, expand_image_markers(prompt))
-        ids, extra_list = expand_image_placeholders(ids, engine_vocab_size, [image_content_hash(d) for d in images])
+        ids, extra_list = expand_image_placeholders(
+            ids, engine_vocab_size, [image_content_hash(d) for d in images]
+        )
         extra = np.asarray(extra_list, dtype=np.uint64)
     else:
         ids = encode(tok, prompt)

@@ -25,7 +25,9 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
     tok.no_truncation()
     tok.no_padding()
     if tok.token_to_id(C.IMAGE_SOFT_TOKEN) != C.IMAGE_SOFT_TOKEN_ID:
-        raise ValueError(f"{file}: {C.IMAGE_SOFT_TOKEN} must have id {C.IMAGE_SOFT_TOKEN_ID} as in Gemma 3 27B")
+        raise ValueError(
+            f"{file}: {C.IMAGE_SOFT_TOKEN} must have id {C.IMAGE_SOFT_TOKEN_ID} as in Gemma 3 27B"
+        )
     return tok
 
 

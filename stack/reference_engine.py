@@ -161,12 +161,14 @@ class ReferenceEngine:
         if is_table.any():
             if table is None:
                 raise EngineRequestError(
-                    f"input_ids contain ids >= vocab size {self.vocab_size} but no prompt_embedding_table was sent"
+                    f"input_ids contain ids >= vocab size {self.vocab_size} "
+                    "but no prompt_embedding_table was sent"
                 )
             rows = ids_t[is_table] - self.vocab_size
             if int(rows.max()) >= table.shape[0]:
                 raise EngineRequestError(
-                    f"prompt table id {int(rows.max()) + self.vocab_size} is past the table ({table.shape[0]} rows)"
+                    f"prompt table id {int(rows.max()) + self.vocab_size} "
+                    f"is past the table ({table.shape[0]} rows)"
                 )
         emb = torch.nn.functional.embedding(ids_t.clamp(max=self.vocab_size - 1), self._embed_weight)
         if is_table.any() and table is not None:
@@ -197,8 +199,10 @@ class ReferenceEngine:
             self._emit(st, [], final=True)
             return
         st.generated.append(token)
-        done = len(st.generated) >= req.max_new_tokens or self._hit_stop(st) or (
-            req.guided is not None and req.guided.is_terminated()
+        done = (
+            len(st.generated) >= req.max_new_tokens
+            or self._hit_stop(st)
+            or (req.guided is not None and req.guided.is_terminated())
         )
         self._emit(st, [token], final=done)
 
@@ -217,13 +221,13 @@ class ReferenceEngine:
         gen = st.generated
         if len(gen) < st.req.min_tokens:
             return False
-        return any(len(w) <= len(gen) and gen[-len(w):] == w for w in st.req.stop_words)
+        return any(len(w) <= len(gen) and gen[-len(w) :] == w for w in st.req.stop_words)
 
     def _sample(self, st: _Active, logits: torch.Tensor) -> int:
         req, s = st.req, st.req.sampling
         logits = logits.float()
         # Embedding rows past the tokenizer (the 27B pads to 262208) are never valid outputs.
-        logits[self.vocab_size:] = float("-inf")
+        logits[self.vocab_size :] = float("-inf")
         self._ban_bad_words(st, logits)
         if len(st.generated) < req.min_tokens:
             logits[req.end_id] = float("-inf")
@@ -231,10 +235,7 @@ class ReferenceEngine:
             req.guided.mask_logits(logits)
         if s.repetition_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
             logits = _apply_penalties(logits, req.input_ids, st.generated, s)
-        if s.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            token = _sample_top_k_top_p(logits, s, st.generator)
+        token = int(torch.argmax(logits)) if s.greedy else _sample_top_k_top_p(logits, s, st.generator)
         if req.guided is not None and not req.guided.accept_token(token):
             raise EngineRequestError(f"guided decoding rejected token {token}")
         return token
@@ -243,11 +244,13 @@ class ReferenceEngine:
         gen = st.generated
         for word in st.req.bad_words:
             prefix = word[:-1]
-            if not prefix or (len(prefix) <= len(gen) and gen[-len(prefix):] == prefix):
+            if not prefix or (len(prefix) <= len(gen) and gen[-len(prefix) :] == prefix):
                 logits[word[-1]] = float("-inf")
 
 
-def _apply_penalties(logits: torch.Tensor, prompt: Sequence[int], generated: Sequence[int], s: Sampling) -> torch.Tensor:
+def _apply_penalties(
+    logits: torch.Tensor, prompt: Sequence[int], generated: Sequence[int], s: Sampling
+) -> torch.Tensor:
     # vLLM/OpenAI semantics: repetition over prompt + output, presence/frequency over the output only.
     if s.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long)

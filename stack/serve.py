@@ -50,7 +50,11 @@ def main() -> int:
     say(f"model repository rendered at {REPO.resolve()}")
     ports = TritonPorts.from_env()
     verbose = os.environ.get("TRITON_LOG", "") == "1"
-    triton = start(REPO.resolve(), ports=ports, log_sink=(lambda line: print(f"[triton] {line}", file=sys.stderr)) if verbose else None)
+    triton = start(
+        REPO.resolve(),
+        ports=ports,
+        log_sink=(lambda line: print(f"[triton] {line}", file=sys.stderr)) if verbose else None,
+    )
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -60,7 +64,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     gateway: subprocess.Popen[bytes] | None = None
     try:
-        say(f"starting tritonserver (gRPC {ports.grpc}, HTTP {ports.http}, metrics {ports.metrics}); TRITON_LOG=1 shows its log")
+        say(
+            f"starting tritonserver (gRPC {ports.grpc}, HTTP {ports.http}, metrics {ports.metrics}); "
+            "TRITON_LOG=1 shows its log"
+        )
         triton.wait_ready(timeout=600)
         host = os.environ.get("GATEWAY_HOST", "127.0.0.1")
         port = int(os.environ.get("GATEWAY_PORT", "8080"))
@@ -77,7 +84,10 @@ def main() -> int:
         gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         _wait_http(f"http://{shown}:{port}/health/ready", gateway, timeout=120)
-        say(f"ready: OpenAI API at http://{shown}:{port}/v1  (model {env['GATEWAY_MODEL_ID']}; docs at /docs). Ctrl-C stops.")
+        say(
+            f"ready: OpenAI API at http://{shown}:{port}/v1  (model {env['GATEWAY_MODEL_ID']}; "
+            "docs at /docs). Ctrl-C stops."
+        )
         while not stopping.is_set():
             if triton.proc.poll() is not None:
                 say(f"tritonserver exited ({triton.proc.returncode}); stopping")

@@ -62,8 +62,12 @@ def find_dist() -> TritonDist:
         libs=libs,
         caches=root / "caches",
     )
-    for what, path in (("tritonserver binary", dist.server), ("python backend", dist.backends / "python"),
-                       (f"backend stub for Python {version}", dist.stub), ("bundled libraries", dist.libs)):
+    for what, path in (
+        ("tritonserver binary", dist.server),
+        ("python backend", dist.backends / "python"),
+        (f"backend stub for Python {version}", dist.stub),
+        ("bundled libraries", dist.libs),
+    ):
         if not path.exists():
             raise LauncherError(f"{what} not found at {path} (nvidia-pytriton 0.7.0 is expected)")
     return dist
@@ -98,7 +102,8 @@ def check_interpreter(dist: TritonDist) -> None:
         raise LauncherError(
             f"the Triton Python backend stub embeds {stub_lib}, but this interpreter ({sys.executable}, "
             f"libpython {mine or 'static/none'}) is another Python build. Create the virtualenv with the "
-            f"system interpreter that owns {stub_lib} (e.g. `/usr/bin/python3.11 -m venv .venv`), as `make` does."
+            f"system interpreter that owns {stub_lib} (e.g. `/usr/bin/python3.11 -m venv .venv`), "
+            "as `make` does."
         )
 
 
@@ -172,7 +177,9 @@ class TritonProcess:
             if self.is_ready():
                 return
             time.sleep(0.5)
-        raise LauncherError(f"tritonserver not ready after {timeout:.0f}s:\n" + "\n".join(self.log_lines[-40:]))
+        raise LauncherError(
+            f"tritonserver not ready after {timeout:.0f}s:\n" + "\n".join(self.log_lines[-40:])
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc.poll() is None:
@@ -227,8 +234,13 @@ def start(
         *(extra_args or []),
     ]
     proc = subprocess.Popen(
-        cmd, env=stub_environment(dist), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, preexec_fn=_die_with_parent,
+        cmd,
+        env=stub_environment(dist),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     handle = TritonProcess(proc, ports)
 

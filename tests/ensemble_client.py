@@ -18,7 +18,9 @@ def tensor(name: str, value: Any, dtype: Any = None) -> grpcclient.InferInput:
         arr = np.vectorize(lambda s: s.encode("utf-8") if isinstance(s, str) else s, otypes=[object])(arr)
     if arr.ndim == 0:
         arr = arr.reshape(1, 1)
-    t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype) if arr.dtype != object else "BYTES")
+    t = grpcclient.InferInput(
+        name, list(arr.shape), np_to_triton_dtype(arr.dtype) if arr.dtype != object else "BYTES"
+    )
     t.set_data_from_numpy(arr)
     return t
 
@@ -64,7 +66,9 @@ async def stream(
                     return
                 arr = res.as_numpy(output)
                 if arr is not None and arr.size:
-                    result.chunks.append(arr.reshape(-1)[0] if output == "text_output" else arr.reshape(-1).tolist())
+                    result.chunks.append(
+                        arr.reshape(-1)[0] if output == "text_output" else arr.reshape(-1).tolist()
+                    )
                 n_in, n_out = res.as_numpy("num_input_tokens"), res.as_numpy("num_output_tokens")
                 if n_in is not None:
                     result.num_input_tokens = int(n_in.reshape(-1)[0])
@@ -84,12 +88,23 @@ async def stream(
     return result
 
 
-def ensemble_inputs(prompt: str, max_tokens: int, *, stream_: bool = True, **extra: Any) -> list[grpcclient.InferInput]:
+def ensemble_inputs(
+    prompt: str, max_tokens: int, *, stream_: bool = True, **extra: Any
+) -> list[grpcclient.InferInput]:
     dtypes = {
-        "top_k": np.int32, "min_tokens": np.int32, "end_id": np.int32, "pad_id": np.int32,
-        "top_p": np.float32, "temperature": np.float32, "repetition_penalty": np.float32,
-        "presence_penalty": np.float32, "frequency_penalty": np.float32, "seed": np.uint64,
-        "exclude_input_in_output": bool, "return_num_input_tokens": bool, "return_num_output_tokens": bool,
+        "top_k": np.int32,
+        "min_tokens": np.int32,
+        "end_id": np.int32,
+        "pad_id": np.int32,
+        "top_p": np.float32,
+        "temperature": np.float32,
+        "repetition_penalty": np.float32,
+        "presence_penalty": np.float32,
+        "frequency_penalty": np.float32,
+        "seed": np.uint64,
+        "exclude_input_in_output": bool,
+        "return_num_input_tokens": bool,
+        "return_num_output_tokens": bool,
     }
     out = [
         tensor("text_input", [[prompt]]),

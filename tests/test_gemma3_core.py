@@ -39,7 +39,16 @@ content = st.one_of(text, st.lists(part, min_size=1, max_size=4))
 def conversations(draw: st.DrawFn) -> list[dict]:
     msgs: list[dict] = []
     if draw(st.booleans()):
-        msgs.append({"role": "system", "content": draw(st.one_of(text, st.lists(part.filter(lambda p: p["type"] == "text"), min_size=1, max_size=2)))})
+        msgs.append(
+            {
+                "role": "system",
+                "content": draw(
+                    st.one_of(
+                        text, st.lists(part.filter(lambda p: p["type"] == "text"), min_size=1, max_size=2)
+                    )
+                ),
+            }
+        )
     for i in range(draw(st.integers(1, 5))):
         msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": draw(content)})
     return msgs
@@ -52,15 +61,18 @@ def test_template_equals_official_jinja(messages: list[dict], gen: bool) -> None
 
 
 def test_template_known_rendering() -> None:
-    got = render_chat([
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": [{"type": "text", "text": " Describe "}, {"type": "image"}]},
-        {"role": "assistant", "content": "A cat. "},
-        {"role": "user", "content": "Thanks"},
-    ])
+    got = render_chat(
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "text", "text": " Describe "}, {"type": "image"}]},
+            {"role": "assistant", "content": "A cat. "},
+            {"role": "user", "content": "Thanks"},
+        ]
+    )
     assert got == (
         "<bos><start_of_turn>user\nYou are a helpful assistant.\n\nDescribe<start_of_image><end_of_turn>\n"
-        "<start_of_turn>model\nA cat.<end_of_turn>\n<start_of_turn>user\nThanks<end_of_turn>\n<start_of_turn>model\n"
+        "<start_of_turn>model\nA cat.<end_of_turn>\n"
+        "<start_of_turn>user\nThanks<end_of_turn>\n<start_of_turn>model\n"
     )
 
 
@@ -81,7 +93,9 @@ def test_template_rejections_name_the_field(messages: list[dict], param: str) ->
 
 
 def test_image_expansion_token_count(tokenizer) -> None:
-    prompt = render_chat([{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]}])
+    prompt = render_chat(
+        [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]}]
+    )
     ids = encode(tokenizer, expand_image_markers(prompt))
     assert ids.count(C.IMAGE_SOFT_TOKEN_ID) == C.MM_TOKENS_PER_IMAGE
     assert ids.count(C.BOI_ID) == 1 and ids.count(C.EOI_ID) == 1
@@ -89,9 +103,15 @@ def test_image_expansion_token_count(tokenizer) -> None:
 
 
 def test_special_token_ids(tokenizer) -> None:
-    for tok, idx in [(C.BOS, C.BOS_ID), (C.EOS, C.EOS_ID), (C.START_OF_TURN, C.START_OF_TURN_ID),
-                     (C.END_OF_TURN, C.END_OF_TURN_ID), (C.START_OF_IMAGE, C.BOI_ID),
-                     (C.END_OF_IMAGE, C.EOI_ID), (C.IMAGE_SOFT_TOKEN, C.IMAGE_SOFT_TOKEN_ID)]:
+    for tok, idx in [
+        (C.BOS, C.BOS_ID),
+        (C.EOS, C.EOS_ID),
+        (C.START_OF_TURN, C.START_OF_TURN_ID),
+        (C.END_OF_TURN, C.END_OF_TURN_ID),
+        (C.START_OF_IMAGE, C.BOI_ID),
+        (C.END_OF_IMAGE, C.EOI_ID),
+        (C.IMAGE_SOFT_TOKEN, C.IMAGE_SOFT_TOKEN_ID),
+    ]:
         assert tokenizer.token_to_id(tok) == idx
 
 
@@ -117,7 +137,7 @@ def test_byte_detokenizer_matches_hf_decode(tokenizer, ids: list[int]) -> None:
 _DETOK: dict[int, ByteDetokenizer] = {}
 
 
-def _detok(tokenizer) -> ByteDetokenizer:  # noqa: ANN001
+def _detok(tokenizer) -> ByteDetokenizer:
     return _DETOK.setdefault(id(tokenizer), ByteDetokenizer(tokenizer))
 
 
@@ -148,7 +168,9 @@ def test_prepare_request_rules(tokenizer) -> None:
     p = prepare_request(tokenizer, prompt, 16, max_seq_len=64, engine_vocab_size=C.GEMMA3_270M.vocab_size)
     assert p.input_ids[0] == C.BOS_ID and list(p.input_ids).count(C.BOS_ID) == 1
     assert p.end_id == C.END_OF_TURN_ID and from_word_list(p.stop_words) == [[C.EOS_ID]]
-    clamped = prepare_request(tokenizer, prompt, 1000, max_seq_len=64, engine_vocab_size=C.GEMMA3_270M.vocab_size)
+    clamped = prepare_request(
+        tokenizer, prompt, 1000, max_seq_len=64, engine_vocab_size=C.GEMMA3_270M.vocab_size
+    )
     assert clamped.output_len == 64 - len(p.input_ids)
     for bad, msg in [("", "empty"), (prompt + C.IMAGE_SOFT_TOKEN, "image"), (prompt * 20, "context")]:
         with pytest.raises(PrepError, match=msg):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import math
 from pathlib import Path
 
@@ -151,18 +150,6 @@ def test_repository_values(tmp_path: Path) -> None:
     full = repository.repository_values(s, used={"tokenizer_dir", "vision_backend"})
     assert full["vision_backend"] == "tensorrt" and "hf_model_dir" not in full
     assert set(v) <= set(full)
-
-
-def test_xgrammar_tokenizer_info(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models
-
-    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "a": 2, "b": 3}, unk_token="<pad>"))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    out = repository.write_xgrammar_tokenizer_info(tmp_path, tmp_path / "info" / "x.json", [1])
-    data = json.loads(out.read_text())
-    assert data["encoded_vocab"] == ["<pad>", "<eos>", "a", "b"]
-    assert data["stop_token_ids"] == [1]
-    assert json.loads(data["tokenizer_str"])["model"]["type"] == "WordLevel"
 
 
 # --- settings ----------------------------------------------------------------------------------------

@@ -20,21 +20,30 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROMPTS = [
     render_chat([{"role": "user", "content": "Name three European capitals."}]),
-    render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Zähle bis fünf, bitte: ünd?"}]),
+    render_chat(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Zähle bis fünf, bitte: ünd?"},
+        ]
+    ),
     "<bos>日本の首都は東京です。日本の有名な食べ物は",
     "<bos>The quick brown fox 🦊 jumps over",
 ]
 
 
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     import torch
 
     out = hf_model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
-        do_sample=False, eos_token_id=list(C.DEFAULT_STOP_IDS), pad_token_id=C.PAD_ID,
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=list(C.DEFAULT_STOP_IDS),
+        pad_token_id=C.PAD_ID,
     )
-    gen = out[0, len(ids):].tolist()
-    # Our engine (like TensorRT-LLM) does not emit end_id (<end_of_turn>); <eos> is a stop word and is emitted.
+    gen = out[0, len(ids) :].tolist()
+    # Our engine (like TensorRT-LLM) does not emit end_id (<end_of_turn>); <eos> is a stop word: emitted.
     if gen and gen[-1] == C.END_OF_TURN_ID:
         gen = gen[:-1]
     return gen
@@ -73,7 +82,9 @@ async def test_greedy_tokens_equal_transformers(triton_server, hf_model, tokeniz
 @pytest.mark.parametrize("prompt", [PROMPTS[2], PROMPTS[3], "<bos>中文：我喜欢吃"])
 async def test_streamed_text_equals_non_streamed(triton_server, prompt: str) -> None:
     kw = dict(top_k=1, exclude_input_in_output=True)
-    streamed = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 32, stream_=True, **kw))
+    streamed = await stream(
+        triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 32, stream_=True, **kw)
+    )
     whole = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 32, stream_=False, **kw))
     assert streamed.error is None and whole.error is None
     assert len(streamed.chunks) > 1 and len(whole.chunks) == 1
@@ -93,7 +104,9 @@ async def test_seed_reproducible(triton_server) -> None:
 
 
 async def test_max_tokens_honoured(triton_server) -> None:
-    res = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(PROMPTS[3], 7, min_tokens=7, top_k=1))
+    res = await stream(
+        triton_server.grpc_url, "ensemble", ensemble_inputs(PROMPTS[3], 7, min_tokens=7, top_k=1)
+    )
     assert res.error is None
     assert res.num_output_tokens == 7
 
@@ -104,7 +117,9 @@ async def test_stop_words_stop(triton_server, tokenizer) -> None:
     words = full.data.decode().split()
     assert len(words) > 3
     stop = words[2]
-    cut = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, top_k=1, stop_words=[" " + stop]))
+    cut = await stream(
+        triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 24, top_k=1, stop_words=[" " + stop])
+    )
     assert cut.error is None
     assert cut.data.decode().endswith(stop)
     assert cut.num_output_tokens < full.num_output_tokens

@@ -245,7 +245,10 @@ def stage_tokenizer_info(s: BuildSettings) -> Stage:
     out = s.tokenizer_info_dir / repository.XGRAMMAR_INFO_FILE
 
     def call() -> None:
-        repository.write_xgrammar_tokenizer_info(s.tokenizer_dir, out, C.DEFAULT_STOP_IDS)
+        # One writer for the file (gemma3_core.guided): both Gemma stop ids, special tokens blanked.
+        from gemma3_core.guided import write_xgrammar_tokenizer_info
+
+        write_xgrammar_tokenizer_info(s.tokenizer_dir / "tokenizer.json", out, C.DEFAULT_STOP_IDS)
 
     actions = (
         [Action("xgrammar tokenizer info for guided decoding (C++ backend)", call=call, writes=[out])]

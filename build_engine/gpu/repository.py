@@ -9,7 +9,6 @@ pointed at the GPU artifacts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -163,23 +162,3 @@ def repository_values(s: BuildSettings, *, used: Iterable[str] | None = None) ->
 
 def render_repository(s: BuildSettings, *, dry_run: bool = False) -> list[Path]:
     return render.render("gpu", s.repository_dir, repository_values(s), dry_run=dry_run)
-
-
-def write_xgrammar_tokenizer_info(tokenizer_dir: Path, out_file: Path, stop_token_ids: Iterable[int]) -> Path:
-    """The JSON the C++ backend loads for guided decoding: `encoded_vocab` (token string per id),
-    `tokenizer_str` (the tokenizer.json text, from which xgrammar detects the byte-fallback vocab type)
-    and `stop_token_ids` — the three fields `getGuidedDecodingConfigFromParams` reads."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    vocab = tok.get_vocab(with_added_tokens=True)
-    encoded = [""] * (max(vocab.values()) + 1)
-    for token, idx in vocab.items():
-        encoded[idx] = token
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(
-        json.dumps(
-            {"encoded_vocab": encoded, "tokenizer_str": tok.to_str(), "stop_token_ids": list(stop_token_ids)}
-        )
-    )
-    return out_file

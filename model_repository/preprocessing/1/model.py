@@ -23,7 +23,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         return [self._one(r) for r in requests]
 
-    def _one(self, request) -> pb_utils.InferenceResponse:  # noqa: ANN001 - pb_utils.InferenceRequest
+    def _one(self, request) -> pb_utils.InferenceResponse:
         try:
             query = strings(request, "QUERY")
             if len(query) != 1:
@@ -60,9 +60,15 @@ class TritonPythonModel:
             ).exec()
             if encoded.has_error():
                 return pb_utils.InferenceResponse(error=pb_utils.TritonError(encoded.error().message()))
-            for name, out_name in (("prompt_embedding_table", "OUT_PROMPT_EMBEDDING_TABLE"),
-                                   ("prompt_vocab_size", "OUT_PROMPT_VOCAB_SIZE")):
+            for name, out_name in (
+                ("prompt_embedding_table", "OUT_PROMPT_EMBEDDING_TABLE"),
+                ("prompt_vocab_size", "OUT_PROMPT_VOCAB_SIZE"),
+            ):
                 # via DLPack: the table may be BF16 (GPU engine), which numpy cannot hold
-                out.append(pb_utils.Tensor.from_dlpack(out_name, pb_utils.get_output_tensor_by_name(encoded, name).to_dlpack()))
+                out.append(
+                    pb_utils.Tensor.from_dlpack(
+                        out_name, pb_utils.get_output_tensor_by_name(encoded, name).to_dlpack()
+                    )
+                )
             out.append(pb_utils.Tensor("OUT_PROMPT_TABLE_EXTRA_IDS", p.extra_ids[None, :]))
         return pb_utils.InferenceResponse(out)

@@ -47,7 +47,10 @@ class TritonPythonModel:
             try:
                 self.engine.submit(self._parse(request, sender))
             except Exception as exc:  # bad input: a clean Triton error, never a hung stream
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm: {exc}")), flags=FINAL)
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm: {exc}")),
+                    flags=FINAL,
+                )
         return None
 
     def finalize(self) -> None:
@@ -66,7 +69,9 @@ class TritonPythonModel:
         if max_new <= 0:
             raise EngineRequestError(f"request_output_len must be at least 1, got {max_new}")
         if ids.size >= self.max_seq_len:
-            raise EngineRequestError(f"prompt has {ids.size} tokens; the context is {self.max_seq_len} tokens")
+            raise EngineRequestError(
+                f"prompt has {ids.size} tokens; the context is {self.max_seq_len} tokens"
+            )
         max_new = min(max_new, self.max_seq_len - int(ids.size))
 
         streaming = bool(optional_scalar(request, "streaming", False))
@@ -95,7 +100,9 @@ class TritonPythonModel:
             weights, lcfg = tensor(request, "lora_weights"), tensor(request, "lora_config")
             if weights is not None and lcfg is not None:
                 weights, lcfg = weights.reshape(-1, weights.shape[-1]), lcfg.reshape(-1, 3)
-            lora = self.lora_hooks.resolve(int(task_id), weights, lcfg)  # cache miss -> TensorRT-LLM's message
+            lora = self.lora_hooks.resolve(
+                int(task_id), weights, lcfg
+            )  # cache miss -> TensorRT-LLM's message
 
         guided = None
         guide_type = tensor(request, "guided_decoding_guide_type")
@@ -150,6 +157,8 @@ class TritonPythonModel:
 
         # xgrammar needs room for every tokenizer entry: the 270M's logits (262144) stop short of the
         # added <image_soft_token> (262144); masking handles the narrower logits.
-        width = max(self.vocab_size, load_tokenizer(self.tokenizer_dir).get_vocab_size(with_added_tokens=True))
+        width = max(
+            self.vocab_size, load_tokenizer(self.tokenizer_dir).get_vocab_size(with_added_tokens=True)
+        )
         info = tokenizer_info_from_tokenizer_json(os.path.join(self.tokenizer_dir, "tokenizer.json"), width)
         return GuidedDecoder.create(kind, text, info)
