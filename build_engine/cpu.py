@@ -166,6 +166,7 @@ def repository_values(
         "max_seq_len": str(max_seq_len),
         "engine_vocab_size": str(C.GEMMA3_270M.vocab_size),
         "prompt_embedding_table_data_type": "TYPE_FP16",
+        "lora_weights_data_type": "TYPE_FP16",
         "preprocessing_instance_count": "1",
         "postprocessing_instance_count": "1",
         "vision_instance_count": "1",

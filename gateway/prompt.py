@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.errors import bad_request
 from gemma3_core.chat_template import TemplateError, render_chat
+from gemma3_core.tool_prompt import prepare_messages
 
 
 def _content(content: Any, param: str, images_enabled: bool) -> Any:
@@ -45,8 +46,16 @@ def template_messages(messages: list[dict[str, Any]], images_enabled: bool = Fal
     return out
 
 
-def render_prompt(messages: list[dict[str, Any]], images_enabled: bool = False) -> str:
+def render_prompt(
+    messages: list[dict[str, Any]],
+    images_enabled: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: Any = None,
+) -> str:
     try:
+        if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            # Tool definitions, replayed calls and results become plain turns (docs/tools.md).
+            messages = prepare_messages(messages, tools, tool_choice)
         return render_chat(template_messages(messages, images_enabled), add_generation_prompt=True)
     except TemplateError as exc:
         raise bad_request(exc.message, exc.param or "messages", "invalid_conversation") from None

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from gateway.reliability_settings import ReliabilitySettings
 from gemma3_core import constants as C
 
 
-class GatewaySettings(BaseSettings):
+# Admission, limits, auth and log settings come from ReliabilitySettings (gateway/reliability_settings.py).
+class GatewaySettings(ReliabilitySettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", populate_by_name=True)
 
     # --- HTTP server ---------------------------------------------------------------------------
@@ -51,7 +53,21 @@ class GatewaySettings(BaseSettings):
     default_top_p: float = Field(default=0.95, gt=0, le=1)
     default_top_k: int = Field(default=64, ge=0)
 
-    @field_validator("model_aliases", mode="before")
+    # --- images (gateway/images.py) ------------------------------------------------------------
+    images_enabled: bool = True
+    images_max_per_request: int = Field(default=16, ge=1)
+    images_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    images_max_pixels: int = Field(default=40_000_000, ge=1)  # decoded width*height (decompression bombs)
+    images_connect_timeout_s: float = Field(default=5.0, gt=0)
+    images_read_timeout_s: float = Field(default=10.0, gt=0)
+    images_fetch_timeout_s: float = Field(default=30.0, gt=0)  # whole fetch of one image, redirects included
+    # Hosts / IPs / CIDRs that may be fetched although they resolve to private addresses (SSRF allow-list).
+    images_allow_list: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- LoRA adapters (gateway/lora.py) ------------------------------------------------------
+    lora_dir: Path | None = None  # one PEFT adapter per subdirectory; its name is a model id
+
+    @field_validator("model_aliases", "images_allow_list", mode="before")
     @classmethod
     def _split_aliases(cls, value: object) -> object:
         if isinstance(value, str):

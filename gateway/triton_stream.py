@@ -48,7 +48,7 @@ class TritonError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # "unavailable" | "timeout" | "engine"
+        self.kind = kind  # "unavailable" | "timeout" | "overloaded" | "engine"
         self.message = message
 
 
@@ -138,8 +138,15 @@ def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> lis
         input_spec = spec.inputs.get(name)
         if input_spec is None:
             continue
-        items: Sequence[Any] = value if name in LIST_INPUTS else [value]
         dtype = input_spec.datatype
+        if isinstance(value, np.ndarray):
+            # Pre-shaped tensors (images, LoRA weights) already carry their batch dim; bytes stay bytes.
+            data = value if dtype == "BYTES" else value.astype(triton_to_np_dtype(dtype), copy=False)
+            tensor = InferInput(name, list(data.shape), dtype)
+            tensor.set_data_from_numpy(data)
+            inputs.append(tensor)
+            continue
+        items: Sequence[Any] = value if name in LIST_INPUTS else [value]
         if dtype == "BYTES":
             data = np.array([str(v).encode("utf-8") for v in items], dtype=np.object_)
         else:
@@ -151,8 +158,20 @@ def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> lis
     return inputs
 
 
+def _queue_full(message: str) -> TritonError | None:
+    # Triton's queue policy (max_queue_size) rejects with "Exceeds maximum queue size" under status
+    # UNAVAILABLE; it is back-pressure, not an outage, so it becomes a 429 like the gateway's own limit.
+    lowered = message.lower()
+    if "maximum queue size" in lowered or "queue full" in lowered or "queue is full" in lowered:
+        return TritonError("overloaded", "the inference server's queue is full")
+    return None
+
+
 def _rpc_error(exc: grpc.aio.AioRpcError, url: str) -> TritonError:
     code = exc.code()
+    overloaded = _queue_full(str(exc.details() or ""))
+    if overloaded is not None:
+        return overloaded
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return TritonError("timeout", "the request exceeded the gateway's timeout")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -163,6 +182,9 @@ def _rpc_error(exc: grpc.aio.AioRpcError, url: str) -> TritonError:
 def _server_error(exc: InferenceServerException, url: str) -> TritonError:
     status = str(exc.status() or "")
     message = str(exc.message() or exc)
+    overloaded = _queue_full(message)
+    if overloaded is not None:
+        return overloaded
     if any(s in status for s in ("UNAVAILABLE", "DEADLINE", "NOT_FOUND")):
         return TritonError("unavailable", f"Triton at {url} is unreachable or the model is not loaded")
     if "unknown model" in message.lower() or "is not ready" in message.lower():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,10 @@ def _invalid_unicode(value: Any, path: list[str | int]) -> list[str | int] | Non
 _TEXT_FIELDS = ("model", "messages", "stop", "tools", "tool_choice", "response_format", "user")
 
 
-def parse_chat_request(raw: bytes, settings: GatewaySettings) -> ChatRequest:
+def parse_chat_request(
+    raw: bytes, settings: GatewaySettings, model_known: Callable[[str], bool] | None = None
+) -> ChatRequest:
+    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own."""
     body = parse_json(raw)
     error = schema_error(body)
     if error is not None:
@@ -226,7 +229,7 @@ def parse_chat_request(raw: bytes, settings: GatewaySettings) -> ChatRequest:
             )
 
     model = body.get("model") or settings.model_id
-    if model not in settings.served_model_ids:
+    if model not in settings.served_model_ids and not (model_known is not None and model_known(model)):
         raise APIError(
             404,
             f"The model '{model}' does not exist. Available: {', '.join(settings.served_model_ids)}",

@@ -112,6 +112,8 @@ def tensorrt_llm_values(s: BuildSettings) -> dict[str, str]:
         # The runtime rejects a prompt table whose dtype differs from the engine's weights
         # ("Request embedding table data type doesn't match model weight data type").
         "prompt_embedding_table_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
+        # LoRA weights must have the engine's dtype too (the gateway reads it from the ensemble config).
+        "lora_weights_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
     }
 
 
@@ -134,6 +136,8 @@ def shared_values(s: BuildSettings) -> dict[str, str]:
         "max_queue_size": str(p.max_queue_size),
         "logits_datatype": "TYPE_FP32",
         "prompt_embedding_table_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
+        # LoRA weights must have the engine's dtype too (the gateway reads it from the ensemble config).
+        "lora_weights_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
     }
 
 

@@ -1,0 +1,58 @@
+"""Per-request limits beyond the schema: message count, image count, prompt tokens, max_tokens.
+
+They bound what one request may cost before it reaches the engine; every violation is a 400 naming the
+field, with OpenAI-style codes. The body size cap (413) is enforced while reading the body (app.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.errors import bad_request
+from gateway.settings import GatewaySettings
+
+
+def count_images(messages: Sequence[Any]) -> int:
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+    return count
+
+
+def check_messages(messages: Sequence[Any], settings: GatewaySettings) -> None:
+    """Checks that need no tokenizer (run before rendering, so huge conversations are refused cheaply)."""
+    if len(messages) > settings.max_messages:
+        raise bad_request(
+            f"messages has {len(messages)} entries; this deployment accepts at most {settings.max_messages}",
+            "messages",
+            "too_many_messages",
+        )
+    images = count_images(messages)
+    if images > settings.max_images:
+        raise bad_request(
+            f"the request has {images} images; this deployment accepts at most {settings.max_images}",
+            "messages",
+            "too_many_images",
+        )
+
+
+def check_max_tokens(max_tokens: int | None, param: str, settings: GatewaySettings) -> None:
+    if max_tokens is not None and max_tokens > settings.max_completion_tokens:
+        raise bad_request(
+            f"{param} is {max_tokens}; this deployment accepts at most {settings.max_completion_tokens}",
+            param,
+            "invalid_value",
+        )
+
+
+def check_prompt_tokens(prompt_tokens: int | None, settings: GatewaySettings) -> None:
+    limit = settings.max_prompt_tokens
+    if prompt_tokens is not None and limit is not None and prompt_tokens > limit:
+        raise bad_request(
+            f"the prompt has {prompt_tokens} tokens; this deployment accepts at most {limit}",
+            "messages",
+            "context_length_exceeded",
+        )

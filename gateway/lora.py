@@ -1,0 +1,96 @@
+"""LoRA adapters (issue 9), gateway side: `model` → adapter, its Triton inputs, and the cache-miss retry.
+
+`gemma3_core.lora.LoraRegistry` knows the adapters directory, the PEFT → TensorRT-LLM conversion and which
+adapters' weights were already sent. Here: `model` may be an adapter name or `base:adapter`; the first
+request for an adapter carries `lora_weights`/`lora_config` (converted in a worker thread: seconds for a
+27B adapter), later ones only `lora_task_id`. When the engine no longer has the adapter cached (evicted,
+Triton restarted) it fails the request with TensorRT-LLM's cache-miss text; the request is then resent
+once with the weights. `/v1/models` lists adapters with `parent`/`root` = the base model id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from gateway.errors import APIError
+from gateway.settings import GatewaySettings
+from gateway.triton_stream import GenerationBackend, TritonError, TritonResponse
+from gemma3_core.lora import AdapterEntry, LoraRegistry, UnknownAdapterError, is_cache_miss_error
+
+log = logging.getLogger("gateway.lora")
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model '{model}' does not exist", param="model", code="model_not_found"
+    )
+
+
+class LoraService:
+    def __init__(self, registry: LoraRegistry, base_ids: list[str]) -> None:
+        self.registry = registry
+        self.base_ids = base_ids
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> LoraService | None:
+        if settings.lora_dir is None:
+            return None
+        # Scanned at startup: a wrong GATEWAY_LORA_DIR or a broken adapter stops the start, not a request.
+        registry = LoraRegistry(settings.lora_dir)
+        log.info("LoRA adapters: %s", ", ".join(e.name for e in registry.entries) or "(none)")
+        return cls(registry, settings.served_model_ids)
+
+    def knows(self, model: str) -> bool:
+        """`model` names an adapter (`adapter` or `base:adapter`)."""
+        try:
+            return self.registry.resolve(model, self.base_ids) is not None
+        except UnknownAdapterError:
+            return False
+
+    def resolve(self, model: str) -> AdapterEntry | None:
+        """The adapter `model` selects, None for a base model id; 404 for an unknown adapter."""
+        try:
+            return self.registry.resolve(model, self.base_ids)
+        except UnknownAdapterError:
+            raise model_not_found(model) from None
+
+    def model_cards(self, created: int) -> list[dict[str, Any]]:
+        base = self.base_ids[0]
+        return [
+            {"id": e.name, "object": "model", "created": created, "owned_by": "gateway", "parent": base, "root": base}
+            for e in self.registry.entries
+        ]
+
+    async def generate(
+        self,
+        backend: GenerationBackend,
+        adapter: str,
+        prompt: str,
+        values: Mapping[str, Any],
+        request_id: str,
+    ) -> AsyncIterator[TritonResponse]:
+        """`backend.generate` with the adapter's inputs; one resend with weights after a cache miss."""
+        inputs = await asyncio.to_thread(self.registry.request_inputs, adapter)
+        started = False
+        try:
+            async with contextlib.aclosing(backend.generate(prompt, {**values, **inputs}, request_id)) as stream:
+                async for response in stream:
+                    started = True
+                    yield response
+            return
+        except TritonError as exc:
+            # Only a failure before any output can be retried: a resend would repeat streamed text.
+            if started or not is_cache_miss_error(exc.message):
+                raise
+            log.info("LoRA adapter %s not cached by the engine; resending with weights", adapter)
+        self.registry.invalidate(adapter)
+        inputs = await asyncio.to_thread(self.registry.request_inputs, adapter, force_weights=True)
+        async with contextlib.aclosing(
+            backend.generate(prompt, {**values, **inputs}, f"{request_id}-lora-retry")
+        ) as stream:
+            async for response in stream:
+                yield response

@@ -1,0 +1,68 @@
+"""Tool calling and structured output (issue 6), gateway side.
+
+Prompting (`gemma3_core.tool_prompt.prepare_messages`, called from gateway/prompt.py) and parsing
+(`gemma3_core.tool_parser`) are shared modules; this one decides per request
+
+- which guided-decoding inputs go to the engine (`tool_choice` "required"/named → the call list's JSON
+  schema; `response_format` json_object/json_schema → that schema), and
+- whether the output is parsed for calls (tools given and `tool_choice` is not "none"): non-streamed text
+  becomes `message.tool_calls`, streamed deltas go through `StreamingToolParser`, so raw call text never
+  reaches `content`; `finish_reason` becomes "tool_calls" when a call was found (as OpenAI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import bad_request
+from gemma3_core.chat_template import TemplateError
+from gemma3_core.tool_parser import StreamingToolParser, parse_tool_calls
+from gemma3_core.tool_prompt import guided_decoding_for, tools_active
+
+GUIDE_TYPE_INPUT = "guided_decoding_guide_type"
+GUIDE_INPUT = "guided_decoding_guide"
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    parse_tools: list[dict[str, Any]] | None  # tools to recognise in the output; None: plain text
+    guided: tuple[str, str] | None  # (guide type, guide) for the engine
+
+    def triton_inputs(self) -> dict[str, Any]:
+        if self.guided is None:
+            return {}
+        return {GUIDE_TYPE_INPUT: self.guided[0], GUIDE_INPUT: self.guided[1]}
+
+    def new_parser(self) -> StreamingToolParser | None:
+        return StreamingToolParser(self.parse_tools) if self.parse_tools is not None else None
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The non-streamed `message` and the (possibly overridden) finish_reason of one choice."""
+        if self.parse_tools is None:
+            return {"role": "assistant", "content": text}, finish_reason
+        parsed = parse_tool_calls(text, self.parse_tools)
+        if not parsed.calls:
+            return {"role": "assistant", "content": text}, finish_reason
+        message = {
+            "role": "assistant",
+            "content": parsed.content,
+            "tool_calls": [call.to_openai() for call in parsed.calls],
+        }
+        return message, parsed.finish_reason_override or finish_reason
+
+
+NO_TOOLS = ToolPlan(parse_tools=None, guided=None)
+
+
+def plan_tools(
+    tools: list[dict[str, Any]] | None, tool_choice: Any, response_format: Any
+) -> ToolPlan:
+    try:
+        guided = guided_decoding_for(tools, tool_choice, response_format)
+    except TemplateError as exc:
+        raise bad_request(exc.message, exc.param or "tools", "invalid_value") from None
+    parse = list(tools) if tools and tools_active(tools, tool_choice) else None
+    if parse is None and guided is None:
+        return NO_TOOLS
+    return ToolPlan(parse_tools=parse, guided=guided)
