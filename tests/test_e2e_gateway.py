@@ -349,11 +349,11 @@ def test_greedy_matches_transformers(
     gateway: GatewayTarget, sdk: openai.OpenAI, request: pytest.FixtureRequest
 ) -> None:
     triton = local_only(gateway)
-    torch = pytest.importorskip("torch")
-    from gemma3_core import constants as C
+    pytest.importorskip("torch")
     from gemma3_core.chat_template import render_chat
     from gemma3_core.detokenize import ByteDetokenizer
     from gemma3_core.tokenizer import encode, load_tokenizer
+    from tests.hf_reference import hf_greedy
 
     max_tokens = 24
     completion = sdk.chat.completions.create(
@@ -362,20 +362,7 @@ def test_greedy_matches_transformers(
     tok = load_tokenizer(triton.tokenizer_dir)
     ids = encode(tok, render_chat(CARD_MESSAGES))
     model = request.getfixturevalue("hf_model")  # tests/fixtures/triton.py: the same checkpoint, float32
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=list(C.DEFAULT_STOP_IDS),
-            pad_token_id=C.PAD_ID,
-        )
-    generated = [int(t) for t in out[0, len(ids) :]]
-    for i, t in enumerate(generated):
-        if t in C.DEFAULT_STOP_IDS:
-            generated = generated[:i]
-            break
+    generated = hf_greedy(model, ids, max_tokens)  # stop tokens decode to no text
     expected = ByteDetokenizer(tok).token_bytes(generated).decode("utf-8", errors="replace")
     assert completion.choices[0].message.content == expected
 

@@ -15,6 +15,7 @@ from gemma3_core.chat_template import render_chat
 from gemma3_core.detokenize import ByteDetokenizer
 from gemma3_core.tokenizer import encode
 from tests.ensemble_client import ensemble_inputs, stream, tensor
+from tests.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,24 +30,6 @@ PROMPTS = [
     "<bos>日本の首都は東京です。日本の有名な食べ物は",
     "<bos>The quick brown fox 🦊 jumps over",
 ]
-
-
-def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
-    import torch
-
-    out = hf_model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=list(C.DEFAULT_STOP_IDS),
-        pad_token_id=C.PAD_ID,
-    )
-    gen = out[0, len(ids) :].tolist()
-    # Our engine (like TensorRT-LLM) does not emit end_id (<end_of_turn>); <eos> is a stop word: emitted.
-    if gen and gen[-1] == C.END_OF_TURN_ID:
-        gen = gen[:-1]
-    return gen
 
 
 async def engine_greedy(url: str, ids: list[int], n: int) -> list[int]:
