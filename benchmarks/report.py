@@ -320,6 +320,14 @@ FINDINGS = [
     "3. **tritonserver itself** pays per response for the gRPC stream and, here only, the IPC to the "
     "Python double (`engine` row). On GPU the C++ TensorRT-LLM backend has no such IPC; the ensemble "
     "step and the gRPC send remain.",
+    "4. **TTFT under a burst** (not a target): with 32 requests arriving at once the gateway's p50 TTFT "
+    "is several times the ensemble's (table above). Per-request work (JSON-schema validation, the chat "
+    "template, tokenization, a new gRPC stream) shares one event loop with the per-token work of the "
+    "streams already running; not profiled per request yet.",
+    "5. **Correctness, found by the double:** a streamed generation that ends on `end_id` (or is "
+    "cancelled) gets a final response with zero tokens; `postprocessing` reshapes it with `-1` and "
+    "fails (`cannot reshape array of size 0`), so the client sees an error instead of a clean end. "
+    "`tests/test_fast_double.py` keeps a strict xfail on it.",
     "",
 ]
 

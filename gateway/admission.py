@@ -9,6 +9,7 @@ disconnect), so slots cannot leak. Single event loop, no locks needed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ class AdmissionController:
 
     async def acquire(self, weight: int = 1) -> Permit:
         """A permit for `weight` engine requests, or `APIError(429)` when the gateway is saturated."""
-        weight = max(1, min(weight, self.max_concurrent))  # a request larger than the gateway still runs alone
+        # A request larger than the whole gateway still runs, alone.
+        weight = max(1, min(weight, self.max_concurrent))
         if not self._waiters and self._fits(weight):
             self.active += weight
             self._sync_gauges()
@@ -118,10 +120,8 @@ class AdmissionController:
         return Permit(self, weight)
 
     def _remove(self, waiter: _Waiter) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._waiters.remove(waiter)
-        except ValueError:
-            pass
         self._wake()
 
     def _release(self, weight: int) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,8 +17,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
+from gateway.auth import KeyChecker
 from gateway.chat import ChatService
-from gateway.errors import AUTHENTICATION, ERROR_RESPONSES, APIError, install_error_handlers
+from gateway.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from gateway.logs import AccessLogMiddleware
+from gateway.lora import LoraService
 from gateway.metrics import GatewayMetrics, RequestCounterMiddleware
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import GenerationBackend, TritonStreamClient
@@ -43,6 +45,7 @@ class GatewayState:
         self.metrics = GatewayMetrics(settings.model_id)
         self.started = int(time.time())
         self._chat: ChatService | None = None
+        self.lora = LoraService.from_settings(settings)  # None without GATEWAY_LORA_DIR
 
     @property
     def backend(self) -> GenerationBackend:
@@ -69,7 +72,7 @@ class GatewayState:
     def chat(self) -> ChatService:
         if self._chat is None:
             loader = self.tokenizer if self.has_tokenizer else None
-            self._chat = ChatService(self.settings, self.backend, self.metrics, loader)
+            self._chat = ChatService(self.settings, self.backend, self.metrics, loader, lora=self.lora)
         return self._chat
 
 
@@ -124,6 +127,8 @@ def create_app(
             yield
         finally:
             await state.backend.close()
+            if state._chat is not None:
+                await state._chat.aclose()  # the image fetcher's HTTP client
 
     app = FastAPI(
         title="Gemma 3 OpenAI-compatible gateway",
@@ -134,23 +139,17 @@ def create_app(
     app.state.gateway = state
     install_error_handlers(app)
     app.add_middleware(RequestCounterMiddleware, metrics=state.metrics, routes=ROUTES)
+    app.add_middleware(AccessLogMiddleware)  # outermost: request id + access log for every response
     app.openapi = lambda: _openapi_with_request_schema(app)  # type: ignore[method-assign]
 
+    keys = KeyChecker(settings)
+
     async def require_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
-            raise APIError(
-                401,
-                "Incorrect or missing API key",
-                type=AUTHENTICATION,
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        keys.check(request)
 
     auth = [Depends(require_api_key)]
+    health_auth = auth if settings.auth_health else []
+    metrics_auth = auth if settings.auth_metrics else []
 
     @app.post(
         CHAT_PATH,
@@ -181,29 +180,34 @@ def create_app(
 
     @app.get("/v1/models", dependencies=auth, summary="List the served model ids")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(m) for m in settings.served_model_ids]}
+        adapters = state.lora.model_cards(state.started) if state.lora is not None else []
+        return {"object": "list", "data": [model_card(m) for m in settings.served_model_ids] + adapters}
 
     @app.get(
         "/v1/models/{model_id:path}", dependencies=auth, responses=ERROR_RESPONSES, summary="Retrieve a model"
     )
     async def get_model(model_id: str) -> dict[str, Any]:
+        if state.lora is not None:
+            card = next((c for c in state.lora.model_cards(state.started) if c["id"] == model_id), None)
+            if card is not None:
+                return card
         if model_id not in settings.served_model_ids:
             raise APIError(
                 404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
             )
         return model_card(model_id)
 
-    @app.get("/health/live", summary="The gateway process is up")
+    @app.get("/health/live", dependencies=health_auth, summary="The gateway process is up")
     async def live() -> dict[str, str]:
         return {"status": "live"}
 
-    @app.get("/health/ready", summary="Triton is reachable and the ensemble is ready")
+    @app.get("/health/ready", dependencies=health_auth, summary="Triton and the ensemble are ready")
     async def ready() -> JSONResponse:
         ok, reason = await state.backend.ready()
         body = {"status": "ready" if ok else "unavailable", "triton": settings.grpc_url, "reason": reason}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", dependencies=metrics_auth, summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -21,15 +21,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway import sse
+from gateway import limits, sse
+from gateway.admission import AdmissionController, rate_limited
 from gateway.errors import SERVER_ERROR, TIMEOUT, UNAVAILABLE, APIError, bad_request
+from gateway.images import IMAGES_INPUT, ImageService, images_tensor
+from gateway.logs import current_request_id
+from gateway.lora import LoraService
 from gateway.metrics import GatewayMetrics
 from gateway.prompt import render_prompt
 from gateway.sampling import SamplingParams, resolve_sampling
 from gateway.settings import GatewaySettings
 from gateway.stop_strings import StopMatcher
-from gateway.triton_stream import GenerationBackend, TritonError
+from gateway.tools import NO_TOOLS, ToolPlan, plan_tools
+from gateway.triton_stream import GenerationBackend, TritonError, TritonResponse
 from gateway.validation import ChatRequest, parse_chat_request
+from gemma3_core.chat_template import expand_image_markers
 
 log = logging.getLogger("gateway.chat")
 T = TypeVar("T")
@@ -44,6 +50,8 @@ def triton_api_error(exc: TritonError) -> APIError:
         )
     if exc.kind == "timeout":
         return APIError(504, exc.message, type=TIMEOUT, code="timeout")
+    if exc.kind == "overloaded":  # Triton's max_queue_size: the same back-pressure answer as admission's
+        return rate_limited(f"Rate limit reached: {exc.message}. Please retry later.", 1)
     return APIError(500, f"Inference failed: {exc.message[:500]}", type=SERVER_ERROR, code="inference_error")
 
 
@@ -56,6 +64,10 @@ class ChatContext:
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.monotonic)
+    request_id: str | None = None  # the HTTP request id (gateway/logs.py); Triton gets "<id>-<choice>"
+    extra_inputs: dict[str, Any] = field(default_factory=dict)  # images, guided decoding (all choices)
+    tools: ToolPlan = NO_TOOLS
+    adapter: str | None = None  # LoRA adapter name
 
 
 @dataclass
@@ -90,8 +102,10 @@ class Generation:
         metrics: GatewayMetrics,
         timeout_s: float,
         count_tokens: TokenCounter | None = None,
+        lora: LoraService | None = None,
     ) -> None:
         self.backend = backend
+        self.lora = lora
         self.ctx = ctx
         self.metrics = metrics
         self.count_tokens = count_tokens
@@ -102,6 +116,7 @@ class Generation:
         self.unfinished = len(self.choices)
         self.done = False  # the stream/reply ran to its end (all choices finished, or an error was reported)
         self._closed = False
+        self.on_close: Callable[[], None] | None = None  # releases the admission permit
         self._tasks = [asyncio.create_task(self._run(choice)) for choice in self.choices]
         metrics.in_flight.labels(metrics.model).inc()
 
@@ -116,13 +131,16 @@ class Generation:
         choice.parts.append(text)
         self.queue.put_nowait(("delta", choice.index, text))
 
+    def _open(self, values: dict[str, Any], request_id: str) -> AsyncIterator[TritonResponse]:
+        if self.ctx.adapter is not None and self.lora is not None:
+            return self.lora.generate(self.backend, self.ctx.adapter, self.ctx.prompt, values, request_id)
+        return self.backend.generate(self.ctx.prompt, values, request_id)
+
     async def _run(self, choice: _Choice) -> None:
-        values = self.ctx.sampling.triton_inputs(choice.index)
-        request_id = f"{self.ctx.id}-{choice.index}"
+        values = {**self.ctx.sampling.triton_inputs(choice.index), **self.ctx.extra_inputs}
+        request_id = f"{self.ctx.request_id or self.ctx.id}-{choice.index}"
         try:
-            async with contextlib.aclosing(
-                self.backend.generate(self.ctx.prompt, values, request_id)
-            ) as stream:
+            async with contextlib.aclosing(self._open(values, request_id)) as stream:
                 async for response in stream:
                     if response.num_input_tokens is not None and self.prompt_tokens is None:
                         self.prompt_tokens = response.num_input_tokens
@@ -187,6 +205,8 @@ class Generation:
         m.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
         m.completion_tokens.labels(model).inc(usage["completion_tokens"])
         m.e2e.labels(model).observe(time.monotonic() - self.ctx.arrival)
+        if self.on_close is not None:
+            self.on_close()
 
     async def collect(self, first: Event | None = None) -> dict[str, Any]:
         """Wait for all choices and build the non-streamed `chat.completion` body."""
@@ -197,19 +217,15 @@ class Generation:
             if event[0] == "error":
                 raise event[2]
             event = None
+        shaped = [self.ctx.tools.message(c.text, c.finish_reason) for c in self.choices]
         return {
             "id": self.ctx.id,
             "object": "chat.completion",
             "created": self.ctx.created,
             "model": self.ctx.request.model,
             "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in self.choices
+                {"index": c.index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+                for c, (message, finish_reason) in zip(self.choices, shaped, strict=True)
             ],
             "usage": self.usage(),
         }
@@ -218,15 +234,25 @@ class Generation:
         factory = sse.ChunkFactory(
             self.ctx.id, self.ctx.created, self.ctx.request.model, self.ctx.request.include_usage
         )
+        # With tools, text goes through a streaming call parser: call text never reaches `content`.
+        parsers = {c.index: self.ctx.tools.new_parser() for c in self.choices}
         try:
             for choice in self.choices:
                 yield factory.role(choice.index)
             event = first
             while True:
                 kind, index, payload = event
-                if kind == "delta":
+                parser = parsers[index]
+                if kind == "delta" and parser is None:
                     yield factory.content(index, payload)
+                elif kind == "delta":
+                    for delta in parser.feed(payload):
+                        yield factory.delta(index, delta)
                 elif kind == "finish":
+                    if parser is not None:
+                        for delta in parser.finish():
+                            yield factory.delta(index, delta)
+                        payload = "tool_calls" if parser.has_tool_calls else payload
                     yield factory.finish(index, payload)
                     if not self.unfinished:
                         break
@@ -299,11 +325,25 @@ class ChatService:
         backend: GenerationBackend,
         metrics: GatewayMetrics,
         tokenizer_loader: Callable[[], Any] | None = None,
+        lora: LoraService | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
         self._tokenizer_loader = tokenizer_loader
+        self.admission = AdmissionController(
+            settings.max_concurrent_requests,
+            settings.max_queued_requests,
+            settings.queue_timeout_s,
+            settings.retry_after_s,
+            metrics.registry,
+        )
+        self.lora = lora
+        self.images = ImageService(settings) if settings.images_enabled else None
+
+    async def aclose(self) -> None:
+        if self.images is not None:
+            await self.images.aclose()
 
     async def _encode_len(self, text: str) -> int | None:
         if self._tokenizer_loader is None:
@@ -318,9 +358,17 @@ class ChatService:
 
     async def prepare(self, raw: bytes) -> ChatContext:
         """Validate, render and size the request; every failure is an `APIError` (4xx)."""
-        request = parse_chat_request(raw, self.settings)
-        prompt = render_prompt(request.messages)
-        prompt_tokens = await self._encode_len(prompt)
+        request = parse_chat_request(raw, self.settings, self.lora.knows if self.lora else None)
+        limits.check_request(request, self.settings)
+        adapter = self.lora.resolve(request.model) if self.lora else None
+        parallel = request.body.get("parallel_tool_calls")
+        tools = plan_tools(request.tools, request.tool_choice, request.response_format, parallel)
+        prompt = render_prompt(request.messages, self.images is not None, request.tools, request.tool_choice)
+        # Rendered first so a malformed conversation costs no fetch; all images are fetched concurrently.
+        images = await self.images.fetch(request.messages) if self.images is not None else []
+        # Count what the engine will see: each marker expands to the full image sequence (256 soft tokens).
+        prompt_tokens = await self._encode_len(expand_image_markers(prompt) if images else prompt)
+        limits.check_prompt_tokens(prompt_tokens, self.settings)
         limit = self.settings.max_model_len
         if request.max_tokens is not None and request.max_tokens > limit:
             raise bad_request(
@@ -350,13 +398,34 @@ class ChatService:
                 )
             max_tokens = request.max_tokens or min(self.settings.default_max_tokens, limit - prompt_tokens)
         sampling = resolve_sampling(request, self.settings, max_tokens)
-        return ChatContext(request=request, prompt=prompt, prompt_tokens=prompt_tokens, sampling=sampling)
+        extra: dict[str, Any] = tools.triton_inputs()
+        if images:
+            extra[IMAGES_INPUT] = images_tensor(images)
+        return ChatContext(
+            request=request,
+            prompt=prompt,
+            prompt_tokens=prompt_tokens,
+            sampling=sampling,
+            extra_inputs=extra,
+            tools=tools,
+            adapter=adapter.name if adapter is not None else None,
+        )
 
     async def handle(self, http_request: Request) -> Response:
         raw = await http_request.body()
         ctx = await self.prepare(raw)
+        ctx.request_id = current_request_id()
+        if self.settings.log_prompts:  # debug only: prompts carry user data
+            log.info("prompt", extra={"prompt": ctx.prompt, "chat_id": ctx.id})
+        try:  # validation first, so invalid requests never take (or wait for) a slot; 429 when saturated
+            permit = await until_disconnect(http_request, self.admission.acquire(ctx.request.n))
+        except ClientDisconnected:
+            return Response(status_code=499)
         count = self._count_tokens if self._tokenizer_loader is not None else None
-        generation = Generation(self.backend, ctx, self.metrics, self.settings.request_timeout_s, count)
+        generation = Generation(
+            self.backend, ctx, self.metrics, self.settings.request_timeout_s, count, lora=self.lora
+        )
+        generation.on_close = permit.release
         try:
             # Wait for the first event before answering, so a Triton outage is a real HTTP 503
             # rather than an error inside a 200 stream.

@@ -78,6 +78,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "invalid request"),
         (401, "missing or wrong API key"),
         (404, "unknown model"),
+        (413, "request body too large"),
+        (429, "the gateway or the engine queue is at capacity (`Retry-After`)"),
         (500, "internal error"),
         (503, "Triton unreachable or not ready"),
         (504, "request timed out"),

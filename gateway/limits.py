@@ -1,7 +1,8 @@
-"""Per-request limits beyond the schema: message count, image count, prompt tokens, max_tokens.
+"""Per-request limits beyond the schema: message count, prompt tokens, max_tokens.
 
 They bound what one request may cost before it reaches the engine; every violation is a 400 naming the
-field, with OpenAI-style codes. The body size cap (413) is enforced while reading the body (app.py).
+field, with OpenAI-style codes. The body size cap (413) is enforced while reading the body (app.py); the
+image count (`images_max_per_request`) by the image fetcher.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ from typing import Any
 
 from gateway.errors import bad_request
 from gateway.settings import GatewaySettings
+from gateway.validation import ChatRequest
 
 
-def count_images(messages: Sequence[Any]) -> int:
-    count = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
-    return count
+def check_request(request: ChatRequest, settings: GatewaySettings) -> None:
+    """The limits a validated request can be checked against before its prompt is rendered."""
+    check_messages(request.messages, settings)
+    check_max_tokens(request.max_tokens, request.max_tokens_param, settings)
 
 
 def check_messages(messages: Sequence[Any], settings: GatewaySettings) -> None:
@@ -29,13 +28,6 @@ def check_messages(messages: Sequence[Any], settings: GatewaySettings) -> None:
             f"messages has {len(messages)} entries; this deployment accepts at most {settings.max_messages}",
             "messages",
             "too_many_messages",
-        )
-    images = count_images(messages)
-    if images > settings.max_images:
-        raise bad_request(
-            f"the request has {images} images; this deployment accepts at most {settings.max_images}",
-            "messages",
-            "too_many_images",
         )
 
 

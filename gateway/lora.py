@@ -25,9 +25,7 @@ log = logging.getLogger("gateway.lora")
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(
-        404, f"The model '{model}' does not exist", param="model", code="model_not_found"
-    )
+    return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
 class LoraService:
@@ -61,7 +59,14 @@ class LoraService:
     def model_cards(self, created: int) -> list[dict[str, Any]]:
         base = self.base_ids[0]
         return [
-            {"id": e.name, "object": "model", "created": created, "owned_by": "gateway", "parent": base, "root": base}
+            {
+                "id": e.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "gateway",
+                "parent": base,
+                "root": base,
+            }
             for e in self.registry.entries
         ]
 
@@ -77,7 +82,9 @@ class LoraService:
         inputs = await asyncio.to_thread(self.registry.request_inputs, adapter)
         started = False
         try:
-            async with contextlib.aclosing(backend.generate(prompt, {**values, **inputs}, request_id)) as stream:
+            async with contextlib.aclosing(
+                backend.generate(prompt, {**values, **inputs}, request_id)
+            ) as stream:
                 async for response in stream:
                     started = True
                     yield response
@@ -89,8 +96,6 @@ class LoraService:
             log.info("LoRA adapter %s not cached by the engine; resending with weights", adapter)
         self.registry.invalidate(adapter)
         inputs = await asyncio.to_thread(self.registry.request_inputs, adapter, force_weights=True)
-        async with contextlib.aclosing(
-            backend.generate(prompt, {**values, **inputs}, f"{request_id}-lora-retry")
-        ) as stream:
+        async with contextlib.aclosing(backend.generate(prompt, {**values, **inputs}, request_id)) as stream:
             async for response in stream:
                 yield response

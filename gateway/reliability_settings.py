@@ -33,7 +33,7 @@ class ReliabilitySettings(BaseSettings):
     max_messages: int = Field(default=1024, ge=1)
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="unset: the context length")
     max_completion_tokens: int = Field(default=32768, ge=1, description="largest accepted max_tokens")
-    max_images: int = Field(default=16, ge=0)
+    # The image count limit is `images_max_per_request` (GatewaySettings, enforced by the image fetcher).
 
     # --- logs ---------------------------------------------------------------------------------------------
     log_format: str = Field(default="json", pattern="^(json|text)$")

@@ -50,6 +50,10 @@ class ChunkFactory:
     def content(self, index: int, text: str) -> bytes:
         return encode_event(self._chunk([self._choice(index, {"content": text})]))
 
+    def delta(self, index: int, delta: dict[str, Any]) -> bytes:
+        """Any delta (tool calls: `{"tool_calls": [...]}`)."""
+        return encode_event(self._chunk([self._choice(index, delta)]))
+
     def finish(self, index: int, reason: str) -> bytes:
         return encode_event(self._chunk([self._choice(index, {}, reason)]))
 

@@ -12,6 +12,7 @@ Prompting (`gemma3_core.tool_prompt.prepare_messages`, called from gateway/promp
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +57,22 @@ NO_TOOLS = ToolPlan(parse_tools=None, guided=None)
 
 
 def plan_tools(
-    tools: list[dict[str, Any]] | None, tool_choice: Any, response_format: Any
+    tools: list[dict[str, Any]] | None,
+    tool_choice: Any,
+    response_format: Any,
+    parallel_tool_calls: bool | None = None,
 ) -> ToolPlan:
     try:
         guided = guided_decoding_for(tools, tool_choice, response_format)
     except TemplateError as exc:
         raise bad_request(exc.message, exc.param or "tools", "invalid_value") from None
+    forced = bool(tools) and tool_choice not in (None, "none", "auto")
+    if guided is not None and forced and parallel_tool_calls is False:
+        # OpenAI's parallel_tool_calls=false: at most one call. The forced guide is the call list's schema.
+        schema = json.loads(guided[1])
+        if schema.get("type") == "array":
+            schema["maxItems"] = 1
+            guided = (guided[0], json.dumps(schema, ensure_ascii=False))
     parse = list(tools) if tools and tools_active(tools, tool_choice) else None
     if parse is None and guided is None:
         return NO_TOOLS

@@ -82,7 +82,7 @@ def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     proc = start(
         repo,
         ports=TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port()),
-        log_sink=lambda line: (log.write(line + "\n"), log.flush()),
+        log_sink=lambda line: None if log.closed else (log.write(line + "\n"), log.flush()),
     )
     try:
         proc.wait_ready(timeout=180)
@@ -177,9 +177,17 @@ def test_non_streaming_is_one_response_with_the_same_text(double_server: Any) ->
     assert _text(results) == _cycle_bytes(7)
 
 
-def test_end_id_stops_without_emitting_it(double_server: Any) -> None:
+def test_end_id_stops_without_emitting_it_non_streaming(double_server: Any) -> None:
     # end_id = '!' (4th id of the cycle): three tokens, '!' is not output.
+    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(10, False, end_id=236888))
+    assert not any(isinstance(r, Exception) for r in results), [str(r) for r in results]
+    assert _text(results) == b"Hello, world"
+    assert sum(_count(results, "num_output_tokens")) == 3
+
+
+def test_end_id_stops_without_emitting_it_streaming(double_server: Any) -> None:
     results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(10, True, end_id=236888))
+    assert not any(isinstance(r, Exception) for r in results), [str(r) for r in results]
     assert _text(results) == b"Hello, world"
     assert sum(_count(results, "num_output_tokens")) == 3
 

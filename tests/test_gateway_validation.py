@@ -19,7 +19,7 @@ from gateway.triton_stream import ModelSpec, TritonResponse
 
 MODEL = "gemma-test"
 USER = [{"role": "user", "content": "hi"}]
-MAX_MODEL_LEN = 200
+MAX_MODEL_LEN = 2000  # room for the tool prompt (one CharTokenizer token per character)
 
 
 class NoTriton:
@@ -61,6 +61,7 @@ def _settings(**overrides: Any) -> GatewaySettings:
         "max_model_len": MAX_MODEL_LEN,
         "max_n": 4,
         "triton_grpc_url": "127.0.0.1:1",
+        "images_enabled": False,  # the images-disabled case; fetching is covered by tests/test_e2e_images.py
     }
     values.update(overrides)
     return GatewaySettings(**values)

@@ -162,3 +162,17 @@ async def test_engine_rejects_bad_tensors(triton_server) -> None:
     ids = [tensor("input_ids", [[2, 9259, C.SENTENCEPIECE_VOCAB + 5]], np.int32)]
     res = await stream(url, "tensorrt_llm", base + ids, output="output_ids", timeout=30)
     assert res.error and "prompt_embedding_table" in res.error
+
+
+async def test_stream_ending_on_end_id_is_clean(triton_server, tokenizer) -> None:
+    # The engine's last streamed response after end_id carries zero tokens: it must end the stream cleanly.
+    prompt = PROMPTS[3]
+    ids = await engine_greedy(triton_server.grpc_url, encode(tokenizer, prompt), 8)
+    end_id = ids[3]
+    assert end_id not in ids[:3]
+    res = await stream(
+        triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 8, top_k=1, end_id=end_id)
+    )
+    assert res.error is None, res.error
+    assert res.num_output_tokens == 3
+    assert res.data == ByteDetokenizer(tokenizer).token_bytes(ids[:3])

@@ -22,8 +22,10 @@ class TritonPythonModel:
         for request in requests:
             tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
             lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
-            tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])  # [batch, beams, len]
-            lengths = lengths.reshape(tokens.shape[0], -1)
+            batch = tokens.shape[0]
+            # [batch, beams, len]; no -1 for beams: a final response may carry zero tokens (end_id, cancel)
+            tokens = tokens.reshape(batch, lengths.size // batch, tokens.shape[-1])
+            lengths = lengths.reshape(batch, -1)
             text = np.empty(lengths.shape, dtype=object)
             for b in range(tokens.shape[0]):
                 for k in range(tokens.shape[1]):

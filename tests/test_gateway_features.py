@@ -1,0 +1,288 @@
+"""Images, tools and LoRA wiring of the gateway against a scripted Triton stand-in (no Triton needed).
+
+What reaches the engine (`images`, guided decoding, `lora_task_id`/`lora_weights`), how outputs are shaped
+(tool calls, streamed call deltas) and the LoRA cache-miss retry; the e2e files run the same paths for real.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from gateway.triton_stream import ModelSpec, TritonError, TritonResponse
+from gemma3_core.lora import cache_miss_message, stable_task_id
+
+MODEL = "gemma-test"
+USER = [{"role": "user", "content": "hi"}]
+END = TritonResponse(b"", 5, 0, True)
+
+
+class Engine:
+    """Answers every request with `text`; with `lora_cache`, behaves like TensorRT-LLM's PEFT cache."""
+
+    url = "scripted:0"
+
+    def __init__(
+        self, text: str = "ok", lora_cache: set[int] | None = None, error: str | None = None
+    ) -> None:
+        self.text = text
+        self.lora_cache = lora_cache
+        self.error = error
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def ready(self) -> tuple[bool, str]:
+        return True, "ready"
+
+    async def model_spec(self) -> ModelSpec:
+        return ModelSpec({}, 1)
+
+    async def close(self) -> None:
+        pass
+
+    async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
+        self.calls.append((prompt, dict(values)))
+        if self.error is not None:
+            raise TritonError("engine", self.error)
+        if self.lora_cache is not None and "lora_task_id" in values:
+            task = int(values["lora_task_id"].reshape(-1)[0])
+            if "lora_weights" in values:
+                self.lora_cache.add(task)
+            elif task not in self.lora_cache:
+                raise TritonError("engine", f"Triton error: {cache_miss_message(task)}")
+        for i in range(0, len(self.text), 4):  # small pieces: streaming parsers see split text
+            yield TritonResponse(self.text[i : i + 4].encode(), 5, 1, False)
+        yield END
+
+
+def client(engine: Engine, **settings: Any) -> httpx.AsyncClient:
+    app = create_app(GatewaySettings(model_id=MODEL, model_aliases=[], **settings), backend=engine)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
+
+
+def sse(text: str) -> list[dict[str, Any]]:
+    blocks = [b.removeprefix("data: ") for b in text.split("\n\n") if b.strip()]
+    assert blocks[-1] == "[DONE]"
+    return [json.loads(b) for b in blocks[:-1]]
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+@pytest.fixture
+def adapters_dir(tmp_path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    root = tmp_path / "adapters"
+    for name in ("ad1", "ad2"):
+        d = root / name
+        d.mkdir(parents=True)
+        cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file(
+            {
+                f"{prefix}.lora_A.weight": np.ones((2, 64), np.float32),
+                f"{prefix}.lora_B.weight": np.ones((128, 2), np.float32),
+            },
+            str(d / "adapter_model.safetensors"),
+        )
+    return root
+
+
+async def test_lora_models_and_unknown_adapter(adapters_dir: Path) -> None:
+    async with client(Engine(), lora_dir=adapters_dir) as c:
+        cards = (await c.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in cards] == [MODEL, "ad1", "ad2"]
+        assert all(m["parent"] == MODEL and m["root"] == MODEL for m in cards[1:])
+        assert (await c.get("/v1/models/ad2")).json()["parent"] == MODEL
+        for model in ("nope", f"{MODEL}:nope"):
+            response = await c.post("/v1/chat/completions", json={"model": model, "messages": USER})
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_lora_weights_sent_once_and_resent_after_cache_miss(adapters_dir: Path) -> None:
+    cache: set[int] = set()
+    engine = Engine(text="adapted", lora_cache=cache)
+    async with client(engine, lora_dir=adapters_dir) as c:
+
+        async def ask(model: str) -> dict[str, Any]:
+            response = await c.post("/v1/chat/completions", json={"model": model, "messages": USER})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert (await ask("ad1"))["model"] == "ad1"
+        assert "lora_weights" in engine.calls[-1][1]  # first use carries the weights
+        assert int(engine.calls[-1][1]["lora_task_id"][0, 0]) == stable_task_id("ad1")
+        await ask(f"{MODEL}:ad1")
+        assert "lora_weights" not in engine.calls[-1][1]  # cached by the engine: the id alone
+        await ask(MODEL)
+        assert "lora_task_id" not in engine.calls[-1][1]  # the base model: no LoRA inputs
+
+        cache.clear()  # the engine forgets (eviction, restart)
+        calls = len(engine.calls)
+        body = await ask("ad1")
+        assert body["choices"][0]["message"]["content"] == "adapted"
+        retry = engine.calls[calls:]
+        assert len(retry) == 2 and "lora_weights" not in retry[0][1] and "lora_weights" in retry[1][1]
+        weights, config = retry[1][1]["lora_weights"], retry[1][1]["lora_config"]
+        assert weights.dtype == np.float16 and weights.ndim == 3 and config.shape[0] == 1
+
+
+async def test_lora_other_errors_are_not_retried(adapters_dir: Path) -> None:
+    engine = Engine(error="Triton error: something else broke")
+    async with client(engine, lora_dir=adapters_dir) as c:
+        response = await c.post("/v1/chat/completions", json={"model": "ad2", "messages": USER})
+    assert response.status_code == 500
+    assert len(engine.calls) == 1
+
+
+# --- tools -----------------------------------------------------------------------------------------
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_TEXT = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+
+
+async def test_tool_call_non_streaming_and_guide() -> None:
+    engine = Engine(text=CALL_TEXT)
+    async with client(engine) as c:
+        body = {"model": MODEL, "messages": USER, "tools": [TOOL], "tool_choice": "required"}
+        response = await c.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    prompt, values = engine.calls[0]
+    assert "get_weather" in prompt  # the tool prompt was rendered
+    assert values["guided_decoding_guide_type"] == "json_schema"
+    guide = json.loads(values["guided_decoding_guide"])
+    assert guide["type"] == "array" and guide["minItems"] == 1 and guide["maxItems"] == 1
+
+
+async def test_tool_call_streaming_deltas() -> None:
+    engine = Engine(text="Sure. " + CALL_TEXT)
+    async with client(engine) as c:
+        body = {"model": MODEL, "messages": USER, "tools": [TOOL], "stream": True}
+        response = await c.post("/v1/chat/completions", json=body)
+    chunks = sse(response.text)
+    deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert content == "Sure."  # no call text in content
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["index"] == 0 and calls[0]["type"] == "function" and calls[0]["id"]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
+    finishes = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
+    assert [f for f in finishes if f] == ["tool_calls"]
+    assert "guided_decoding_guide" not in engine.calls[0][1]  # "auto": free text, parsed
+
+
+async def test_tool_choice_none_and_response_format() -> None:
+    engine = Engine(text=CALL_TEXT)
+    async with client(engine) as c:
+        body = {"model": MODEL, "messages": USER, "tools": [TOOL], "tool_choice": "none"}
+        plain = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        assert plain["message"]["content"] == CALL_TEXT and plain["finish_reason"] == "stop"
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        await c.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "response_format": fmt})
+        assert json.loads(engine.calls[-1][1]["guided_decoding_guide"]) == schema
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+        response = await c.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": USER, "response_format": bad}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "response_format.json_schema.schema"
+
+
+async def test_tool_results_rendered() -> None:
+    engine = Engine()
+    messages = [
+        *USER,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    async with client(engine) as c:
+        response = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert response.status_code == 200, response.text
+    assert "```tool_output\nsunny\n```" in engine.calls[0][0]
+
+
+# --- images ----------------------------------------------------------------------------------------
+def png(color: tuple[int, int, int] = (1, 2, 3)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_message(*urls: str) -> list[dict[str, Any]]:
+    parts = [
+        {"type": "text", "text": "What?"},
+        *({"type": "image_url", "image_url": {"url": u}} for u in urls),
+    ]
+    return [{"role": "user", "content": parts}]
+
+
+async def test_images_sent_in_order() -> None:
+    first, second = png(), png((200, 0, 0))
+    urls = [f"data:image/png;base64,{base64.b64encode(d).decode()}" for d in (first, second)]
+    engine = Engine()
+    async with client(engine) as c:
+        response = await c.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": image_message(*urls)}
+        )
+    assert response.status_code == 200, response.text
+    prompt, values = engine.calls[0]
+    assert prompt.count("<start_of_image>") == 2
+    images = values["images"]
+    assert images.shape == (1, 2) and images.dtype == object
+    assert images[0, 0] == first and images[0, 1] == second
+
+
+async def test_images_errors() -> None:
+    async with client(Engine(), images_max_per_request=1) as c:
+        url = f"data:image/png;base64,{base64.b64encode(png()).decode()}"
+        response = await c.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": image_message(url, url)}
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_images"
+        bad = "data:image/png;base64," + base64.b64encode(b"nope").decode()
+        response = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": image_message(bad)})
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "messages[0].content[1].image_url.url"
+    async with client(Engine(), images_enabled=False) as c:
+        response = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": image_message(url)})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_content"
+
+
+def test_images_allow_list_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_IMAGES_ALLOW_LIST", "127.0.0.1, 10.0.0.0/8,*.corp.example")
+    from gateway.images import policy_from_settings
+
+    policy = policy_from_settings(GatewaySettings())
+    assert policy.allow_list == ("127.0.0.1", "10.0.0.0/8", "*.corp.example")
+    assert policy.host_allowed("img.corp.example")
