@@ -50,6 +50,8 @@ def triton_api_error(exc: TritonError) -> APIError:
         )
     if exc.kind == "timeout":
         return APIError(504, exc.message, type=TIMEOUT, code="timeout")
+    if exc.kind == "unsupported":  # the request needs an ensemble input this deployment lacks
+        return bad_request(exc.message, None, "unsupported_parameter")
     if exc.kind == "overloaded":  # Triton's max_queue_size: the same back-pressure answer as admission's
         return rate_limited(f"Rate limit reached: {exc.message}. Please retry later.", 1)
     return APIError(500, f"Inference failed: {exc.message[:500]}", type=SERVER_ERROR, code="inference_error")

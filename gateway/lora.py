@@ -16,6 +16,8 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from gateway.errors import APIError
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import GenerationBackend, TritonError, TritonResponse
@@ -32,6 +34,25 @@ class LoraService:
     def __init__(self, registry: LoraRegistry, base_ids: list[str]) -> None:
         self.registry = registry
         self.base_ids = base_ids
+        self._dtype_checked = False
+        self._dtype_lock = asyncio.Lock()
+
+    async def _registry(self, backend: GenerationBackend) -> LoraRegistry:
+        """The registry, converting to the dtype the deployed ensemble declares for `lora_weights`.
+
+        FP16 (CPU engine, FP16 GPU engines) is the registry default. A BF16 engine gets float32 tensors:
+        tritonclient serializes BF16 from float32, and converting once from the adapter's own precision
+        avoids rounding twice (to fp16, then to bf16) and fp16's narrower range.
+        """
+        if self._dtype_checked:
+            return self.registry
+        async with self._dtype_lock:
+            if not self._dtype_checked:
+                declared = (await backend.model_spec()).inputs.get("lora_weights")
+                if declared is not None and declared.datatype == "BF16" and self.registry.dtype != np.float32:
+                    self.registry = LoraRegistry(self.registry.adapters_dir, dtype=np.float32)
+                self._dtype_checked = True
+        return self.registry
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> LoraService | None:
@@ -79,7 +100,8 @@ class LoraService:
         request_id: str,
     ) -> AsyncIterator[TritonResponse]:
         """`backend.generate` with the adapter's inputs; one resend with weights after a cache miss."""
-        inputs = await asyncio.to_thread(self.registry.request_inputs, adapter)
+        registry = await self._registry(backend)
+        inputs = await asyncio.to_thread(registry.request_inputs, adapter)
         started = False
         try:
             async with contextlib.aclosing(
@@ -94,8 +116,8 @@ class LoraService:
             if started or not is_cache_miss_error(exc.message):
                 raise
             log.info("LoRA adapter %s not cached by the engine; resending with weights", adapter)
-        self.registry.invalidate(adapter)
-        inputs = await asyncio.to_thread(self.registry.request_inputs, adapter, force_weights=True)
+        registry.invalidate(adapter)
+        inputs = await asyncio.to_thread(registry.request_inputs, adapter, force_weights=True)
         async with contextlib.aclosing(backend.generate(prompt, {**values, **inputs}, request_id)) as stream:
             async for response in stream:
                 yield response

@@ -41,6 +41,11 @@ CONTRACT_DTYPES: dict[str, str] = {
 }
 REQUIRED_INPUTS = ("text_input", "max_tokens")
 LIST_INPUTS = frozenset({"stop_words", "bad_words"})
+# Inputs that change what a request means: if the deployed ensemble lacks one, dropping it would silently
+# serve a different request (no image, base model instead of the adapter, unconstrained JSON).
+ESSENTIAL_INPUTS = frozenset({"images", "lora_task_id", "lora_weights", "lora_config"}) | frozenset(
+    {"guided_decoding_guide_type", "guided_decoding_guide"}
+)
 
 
 class TritonError(Exception):
@@ -48,7 +53,7 @@ class TritonError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # "unavailable" | "timeout" | "overloaded" | "engine"
+        self.kind = kind  # "unavailable" | "timeout" | "overloaded" | "unsupported" | "engine"
         self.message = message
 
 
@@ -137,6 +142,8 @@ def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> lis
     for name, value in wanted.items():
         input_spec = spec.inputs.get(name)
         if input_spec is None:
+            if name in ESSENTIAL_INPUTS:
+                raise TritonError("unsupported", f"this deployment's Triton model has no `{name}` input")
             continue
         dtype = input_spec.datatype
         if isinstance(value, np.ndarray):

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from gateway.app import create_app
+from gateway.chat import triton_api_error
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import ModelSpec, TritonError, TritonResponse
+from gateway.triton_stream import InputSpec, ModelSpec, TritonError, TritonResponse, build_inputs
 from gemma3_core.lora import cache_miss_message, stable_task_id
 
 MODEL = "gemma-test"
@@ -143,6 +144,30 @@ async def test_lora_other_errors_are_not_retried(adapters_dir: Path) -> None:
         response = await c.post("/v1/chat/completions", json={"model": "ad2", "messages": USER})
     assert response.status_code == 500
     assert len(engine.calls) == 1
+
+
+async def test_lora_bf16_engine_gets_float32_weights(adapters_dir: Path) -> None:
+    class Bf16Engine(Engine):
+        async def model_spec(self) -> ModelSpec:
+            return ModelSpec({"lora_weights": InputSpec("lora_weights", "BF16", True)}, 1)
+
+    engine = Bf16Engine()
+    async with client(engine, lora_dir=adapters_dir) as c:
+        response = await c.post("/v1/chat/completions", json={"model": "ad1", "messages": USER})
+    assert response.status_code == 200, response.text
+    # tritonclient serializes BF16 from float32 (build_inputs casts to the declared type's numpy dtype).
+    assert engine.calls[0][1]["lora_weights"].dtype == np.float32
+
+
+def test_missing_essential_input_is_400() -> None:
+    spec = ModelSpec(
+        {n: InputSpec(n, t, False) for n, t in (("text_input", "BYTES"), ("max_tokens", "INT32"))}, 1
+    )
+    assert len(build_inputs(spec, "p", {"max_tokens": 4, "top_k": 1})) == 2  # plain extras are dropped
+    with pytest.raises(TritonError) as info:
+        build_inputs(spec, "p", {"max_tokens": 4, "images": np.array([[b"x"]], dtype=object)})
+    error = triton_api_error(info.value)
+    assert error.status == 400 and "images" in error.message
 
 
 # --- tools -----------------------------------------------------------------------------------------

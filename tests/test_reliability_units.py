@@ -162,11 +162,13 @@ async def test_disconnects_release_slots_and_cancel_triton() -> None:
     body = {"model": MODEL, "messages": USER, "stream": True}
 
     async def leave_early() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                assert response.status_code == 200
-                async for _ in response.aiter_lines():
-                    break
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            assert response.status_code == 200
+            async for _ in response.aiter_lines():
+                break
 
     async def leave_while_queued() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=0.3) as client:
@@ -196,7 +198,9 @@ async def test_disconnects_release_slots_and_cancel_triton() -> None:
         ({"max_completion_tokens": 100}, {"max_completion_tokens": 500}, "max_completion_tokens", None),
     ],
 )
-async def test_request_limits(settings: dict[str, Any], body: dict[str, Any], param: str, code: str | None) -> None:
+async def test_request_limits(
+    settings: dict[str, Any], body: dict[str, Any], param: str, code: str | None
+) -> None:
     backend = Scripted(_ticks(1))
     client, _ = _client(backend, **settings)
     async with client:
@@ -209,15 +213,19 @@ async def test_request_limits(settings: dict[str, Any], body: dict[str, Any], pa
 
 
 async def test_max_prompt_tokens() -> None:
-    class CharTokenizer:  # gemma3_core.tokenizer.encode calls tokenizer.encode(text, add_special_tokens=False)
+    class CharTokenizer:  # one token per character
         def encode(self, text: str, add_special_tokens: bool = False) -> Any:
             return type("E", (), {"ids": list(range(len(text)))})()
 
     app = create_app(
-        GatewaySettings(model_id=MODEL, max_prompt_tokens=60), backend=Scripted(_ticks(1)), tokenizer=CharTokenizer()
+        GatewaySettings(model_id=MODEL, max_prompt_tokens=60),
+        backend=Scripted(_ticks(1)),
+        tokenizer=CharTokenizer(),
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-        ok = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 1})
+        ok = await client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 1}
+        )
         long = [{"role": "user", "content": "x" * 100}]
         too_long = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": long})
     assert ok.status_code == 200, ok.text
@@ -228,7 +236,8 @@ async def test_body_size_413() -> None:
     client, _ = _client(Scripted(_ticks(1)), max_request_bytes=2048)
     async with client:
         r = await client.post(
-            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 4096}]}
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 4096}]},
         )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
@@ -241,10 +250,17 @@ async def test_several_api_keys_and_protected_probes(caplog: pytest.LogCaptureFi
     body = {"model": MODEL, "messages": USER}
     async with client:
         for key in ("legacy-key", "key-one", "key-two"):
-            ok = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            ok = await client.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
             assert ok.status_code == 200
-        for headers in ({}, {"Authorization": "Bearer key-three"}, {"Authorization": "Basic key-one"},
-                        {"Authorization": "Bearer key-on"}, {"Authorization": "Bearer key-one-"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer key-three"},
+            {"Authorization": "Basic key-one"},
+            {"Authorization": "Bearer key-on"},
+            {"Authorization": "Bearer key-one-"},
+        ):
             denied = await client.get("/v1/models", headers=headers)
             assert denied.status_code == 401
             assert denied.json()["error"] == {
