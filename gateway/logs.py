@@ -24,7 +24,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 access_log = logging.getLogger("gateway.access")
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON object.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# (uvicorn's `color_message` is its message with ANSI colours: noise in JSON.)
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
 def current_request_id() -> str | None:

@@ -172,8 +172,8 @@ async def test_disconnects_release_slots_and_cancel_triton() -> None:
 
     async def leave_while_queued() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=0.3) as client:
-            with pytest.raises(httpx.TimeoutException):
-                await client.post("/v1/chat/completions", json=body)
+            with pytest.raises(httpx.TimeoutException):  # non-streamed: no byte ever arrives
+                await client.post("/v1/chat/completions", json={**body, "stream": False})
 
     try:
         for _ in range(3):
@@ -218,7 +218,7 @@ async def test_max_prompt_tokens() -> None:
             return type("E", (), {"ids": list(range(len(text)))})()
 
     app = create_app(
-        GatewaySettings(model_id=MODEL, max_prompt_tokens=60),
+        GatewaySettings(model_id=MODEL, max_prompt_tokens=80),
         backend=Scripted(_ticks(1)),
         tokenizer=CharTokenizer(),
     )
@@ -301,7 +301,7 @@ async def test_request_id_in_out_and_sent_to_triton() -> None:
             headers={"X-Request-Id": "trace-123"},
         )
         generated = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER})
-        hostile = await client.get("/v1/models", headers={"X-Request-Id": "bad id\u00e9" + "x" * 200})
+        hostile = await client.get("/v1/models", headers={"X-Request-Id": "bad id;<script>" + "x" * 200})
         error = await client.post("/v1/chat/completions", content=b"{", headers={"X-Request-Id": "e-1"})
     assert given.headers["x-request-id"] == "trace-123"
     assert sorted(call[2] for call in backend.calls[:2]) == ["trace-123-0", "trace-123-1"]
@@ -326,7 +326,8 @@ async def test_json_access_log_and_prompt_privacy(caplog: pytest.LogCaptureFixtu
         line = json.loads(JsonFormatter().format(access[0]))
         assert line["method"] == "POST" and line["path"] == "/v1/chat/completions" and line["status"] == 200
         assert line["request_id"] == "rid-7" and line["duration_ms"] >= 0 and "client" in line
-        assert (secret in caplog.text) is log_prompts
+        written = "\n".join(JsonFormatter().format(rec) for rec in caplog.records)
+        assert (secret in written) is log_prompts
 
 
 def test_json_formatter_adds_request_id_and_exceptions() -> None:
@@ -347,3 +348,40 @@ def test_json_formatter_adds_request_id_and_exceptions() -> None:
     line = json.loads(stream.getvalue())
     assert line["msg"] == "failed here" and line["level"] == "error" and "ValueError: boom" in line["exc"]
     assert "request_id" not in line  # None outside a request: left out
+
+
+# --- a stalled image server ------------------------------------------------------------------------------
+async def test_stalled_image_server_times_out_while_others_proceed() -> None:
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def accept_and_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)  # read nothing, answer nothing: the connection just hangs
+
+    server = await asyncio.start_server(accept_and_stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = Scripted(_ticks(3), delay=0.01)
+    client, app = _client(
+        backend, images_enabled=True, images_allow_list=["127.0.0.1"], images_fetch_timeout_s=1.0
+    )
+    image = {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{port}/cat.png"}}
+    with_image = {"model": MODEL, "messages": [{"role": "user", "content": [image]}]}
+    try:
+        async with client:
+            started = asyncio.get_running_loop().time()
+            slow = asyncio.create_task(client.post("/v1/chat/completions", json=with_image))
+            others = [
+                await client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER})
+                for _ in range(5)
+            ]
+            others_done = asyncio.get_running_loop().time() - started
+            r = await slow
+            elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in stalled:
+            writer.close()
+        server.close()
+    assert all(o.status_code == 200 for o in others) and others_done < 1.0  # not blocked by the stall
+    assert r.status_code in (400, 504), r.text
+    assert r.json()["error"]["code"] == "image_timeout"
+    assert 0.9 <= elapsed < 3.0, elapsed
+    assert _admission(app).active == 0  # fetches happen before admission: a stall holds no engine slot

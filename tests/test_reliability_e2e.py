@@ -1,0 +1,262 @@
+"""Reliability against a real `tritonserver` running the ensemble with the FAST ENGINE TEST DOUBLE.
+
+The double (`model_repository/tensorrt_llm_fast_double`, render target `cpu-fast-double`) is not a model: it
+emits a fixed cycle of real Gemma 3 token ids at a set pace, so these tests check mechanics (admission,
+429s, stream integrity under load, Triton killed and restarted mid-stream, disconnects) in seconds.
+The gateway runs in-process (uvicorn) in front of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from build_engine.cpu import CpuArtifacts, cache_root, repository_values
+from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "gemma-3-270m"
+CLIENTS = 64
+MAX_CONCURRENT = 24
+MAX_QUEUED = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DoubleTriton:
+    repo: Path
+    ports: Any
+    process: Any = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def start(self) -> None:
+        from stack.triton_launcher import start
+
+        self.process = start(self.repo, ports=self.ports)
+        self.process.wait_ready(180)
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its backend stubs (its own process group), as a crash would."""
+        proc = self.process.proc
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # A crashed server leaves its Python-backend shm regions behind; the restart reuses the prefix.
+        for path in glob.glob(f"/dev/shm/gemma3tr{os.getpid()}x{self.ports.grpc}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def pending(self) -> list[float]:
+        text = httpx.get(self.metrics_url, timeout=5).text
+        return [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("nv_inference_pending_request_count{")
+        ]
+
+
+@contextlib.contextmanager
+def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
+    """A tritonserver with the ensemble around the fast engine double (skips where it cannot run)."""
+    art = CpuArtifacts(cache_root())
+    if not (art.tokenizer_dir / "tokenizer.json").exists():
+        pytest.skip(f"CPU artifacts not prepared at {art.root} (run `python -m build_engine cpu`)")
+    from stack.triton_launcher import LauncherError, TritonPorts
+
+    values = {
+        **repository_values(art, max_batch_size=64, max_seq_len=512),
+        "fast_double_token_interval_us": str(token_interval_us),
+        "fast_double_first_token_delay_us": "0",
+    }
+    used: set[str] = set()
+    for src, _ in TARGET_MODELS["cpu-fast-double"]:
+        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
+    repo = root / "model_repository"
+    render("cpu-fast-double", repo, {k: v for k, v in values.items() if k in used})
+    server = DoubleTriton(repo, TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port()))
+    try:
+        server.start()
+    except LauncherError as exc:
+        pytest.skip(f"tritonserver cannot run here: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def double(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoubleTriton]:
+    with run_double(tmp_path_factory.mktemp("reliability"), token_interval_us=5000) as server:
+        yield server
+
+
+@pytest.fixture
+async def gateway(double: DoubleTriton) -> AsyncIterator[tuple[str, Any]]:
+    art = CpuArtifacts(cache_root())
+    settings = GatewaySettings(
+        model_id=MODEL,
+        model_aliases=[],
+        triton_grpc_url=double.grpc_url,
+        tokenizer_dir=art.tokenizer_dir,
+        max_model_len=512,
+        max_concurrent_requests=MAX_CONCURRENT,
+        max_queued_requests=MAX_QUEUED,
+        queue_timeout_s=30,
+        images_enabled=False,
+    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", app
+    server.should_exit = True
+    await task
+
+
+def parse_sse(text: str) -> tuple[str, list[Any]]:
+    """(concatenated content, events) of an SSE body."""
+    events: list[Any] = []
+    content = ""
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        payload = block[6:]
+        event = payload if payload == "[DONE]" else json.loads(payload)
+        events.append(event)
+        if isinstance(event, dict) and event.get("choices"):
+            content += event["choices"][0]["delta"].get("content") or ""
+    return content, events
+
+
+BODY = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "count"}],
+    "max_tokens": 40,
+    "temperature": 0,
+}
+
+
+async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[int, str, list[Any]]:
+    r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+    if r.status_code != 200:
+        return r.status_code, r.text, []
+    content, events = parse_sse(r.text)
+    return 200, content, events
+
+
+async def test_64_streams_accepted_are_exact_and_the_rest_get_429(gateway: tuple[str, Any]) -> None:
+    url, app = gateway
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, limits=httpx.Limits(max_connections=200)
+    ) as client:
+        status, solo, _ = await _stream(client, BODY)
+        assert status == 200 and solo
+        for _ in range(3):
+            results = await asyncio.gather(*(_stream(client, BODY) for _ in range(CLIENTS)))
+            accepted = [r for r in results if r[0] == 200]
+            rejected = [r for r in results if r[0] != 200]
+            assert all(r[0] == 429 for r in rejected), {r[0] for r in rejected}
+            assert all(json.loads(r[1])["error"]["code"] == "rate_limit_exceeded" for r in rejected)
+            assert len(accepted) == MAX_CONCURRENT + MAX_QUEUED, len(accepted)
+            for _, content, events in accepted:
+                assert events[-1] == "[DONE]" and content == solo
+    admission = app.state.gateway.chat.admission
+    assert admission.active == 0 and admission.waiting == 0
+
+
+async def test_disconnects_leave_no_engine_work(gateway: tuple[str, Any], double: DoubleTriton) -> None:
+    url, app = gateway
+    body = {**BODY, "max_tokens": 400, "stream": True}
+
+    async def leave() -> None:
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            lines = 0
+            async for _ in response.aiter_lines():
+                lines += 1
+                if lines > 6:
+                    break
+
+    await asyncio.gather(*(leave() for _ in range(16)))
+    deadline = time.monotonic() + 10
+    while any(double.pending()) or app.state.gateway.chat.admission.active:
+        assert time.monotonic() < deadline, (double.pending(), app.state.gateway.chat.admission.active)
+        await asyncio.sleep(0.2)
+
+
+async def test_triton_killed_mid_stream_then_restarted(
+    gateway: tuple[str, Any], double: DoubleTriton
+) -> None:
+    url, app = gateway
+    body = {**BODY, "max_tokens": 400}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        started = [asyncio.Event() for _ in range(4)]
+
+        async def stream(ready: asyncio.Event) -> tuple[int, list[Any]]:
+            text = ""
+            async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                async for chunk in r.aiter_text():
+                    text += chunk
+                    ready.set()
+            return r.status_code, parse_sse(text)[1]
+
+        streams = [asyncio.create_task(stream(ready)) for ready in started]
+        plain = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        await asyncio.wait_for(asyncio.gather(*(ready.wait() for ready in started)), 30)  # all generating
+        await asyncio.to_thread(double.kill)
+        for status, events in await asyncio.wait_for(asyncio.gather(*streams), 30):
+            assert status == 200
+            assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+            assert events[-2]["error"]["code"] == "triton_unavailable"
+        down = await asyncio.wait_for(plain, 30)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "triton_unavailable"
+        assert (await client.get("/health/live")).status_code == 200  # the gateway stayed up
+        restarted = time.monotonic()
+        await asyncio.to_thread(double.start)
+        while (await client.post("/v1/chat/completions", json={**BODY, "max_tokens": 3})).status_code != 200:
+            assert time.monotonic() - restarted < 60, "the gateway did not recover"
+            await asyncio.sleep(0.25)
+        recovered_s = time.monotonic() - restarted
+        status, content, events = await _stream(client, BODY)
+        assert status == 200 and events[-1] == "[DONE]" and content
+    assert app.state.gateway.chat.admission.active == 0
+    print(f"\n[reliability] served again {recovered_s:.1f} s after restarting tritonserver (incl. its start)")
