@@ -80,49 +80,7 @@ def plan(target: str, out_dir: Path, values: Mapping[str, str]) -> list[Rendered
     unused = sorted(set(values) - used)
     if unused:
         raise RenderError(f"values not used by any {target} template: {', '.join(unused)}")
-    ensemble = next((f for f in files if f.path.parent.name == "ensemble"), None)
-    if ensemble is not None:
-        files.append(
-            RenderedFile(out_dir / IDS_ENSEMBLE / "config.pbtxt", derive_ids_ensemble(ensemble.text))
-        )
     return files
-
-
-IDS_ENSEMBLE = "ensemble_ids"
-
-
-def derive_ids_ensemble(ensemble_text: str) -> str:
-    """`ensemble_ids`: the ensemble without its postprocessing step, streaming token ids.
-
-    The gateway detokenizes itself (gemma3_core.detokenize, incrementally), which saves a Python-backend
-    hop per streamed token (measured ~90 µs/token, docs/benchmarks.md); `ensemble` stays the entry point
-    for perf_analyzer, genai-perf and text clients. Derived through Triton's own schema so the two can
-    never drift apart.
-    """
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    cfg = text_format.Parse(ensemble_text, pb.ModelConfig())
-    steps = cfg.ensemble_scheduling.step
-    post = next(s for s in steps if s.model_name == "postprocessing")
-    renamed = {
-        post.input_map["TOKENS_BATCH"]: "output_ids",
-        post.input_map["SEQUENCE_LENGTH"]: "sequence_length",
-    }
-    steps.remove(post)
-    for step in steps:
-        for key, tensor in list(step.output_map.items()):
-            step.output_map[key] = renamed.get(tensor, tensor)
-    kept = [o for o in cfg.output if o.name != "text_output"]
-    del cfg.output[:]
-    cfg.output.add(name="output_ids", data_type=pb.TYPE_INT32, dims=[-1, -1])
-    cfg.output.add(name="sequence_length", data_type=pb.TYPE_INT32, dims=[-1])
-    cfg.output.extend(kept)
-    cfg.name = IDS_ENSEMBLE
-    header = (
-        "# Derived from ensemble/config.pbtxt by build_engine/render.py (derive_ids_ensemble): do not edit.\n"
-    )
-    return header + text_format.MessageToString(cfg)
 
 
 def render(target: str, out_dir: Path, values: Mapping[str, str], *, dry_run: bool = False) -> list[Path]:

@@ -52,13 +52,22 @@ class GatewayState:
         if self._backend is None:
             s = self.settings
             self._backend = TritonStreamClient(
-                s.grpc_url, s.triton_model, s.triton_probe_timeout_s, s.request_timeout_s
+                s.grpc_url,
+                s.triton_model,
+                s.triton_probe_timeout_s,
+                s.request_timeout_s,
+                detokenizer_loader=self._detokenizer if self.has_tokenizer else None,
             )
         return self._backend
 
     @property
     def has_tokenizer(self) -> bool:
         return self._tokenizer is not None or self.settings.tokenizer_dir is not None
+
+    def _detokenizer(self) -> Any:
+        from gemma3_core.detokenize import ByteDetokenizer
+
+        return ByteDetokenizer(self.tokenizer())
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -109,10 +109,12 @@ def _first_int(result: InferResult, name: str) -> int | None:
     return int(array.reshape(-1)[0])
 
 
-def parse_result(result: InferResult) -> TritonResponse:
+def parse_result(result: InferResult, detokenizer: Any = None) -> TritonResponse:
     text = b""
-    array = result.as_numpy("text_output")
-    if array is not None:
+    ids = result.as_numpy("output_ids") if detokenizer is not None else None
+    if ids is not None:
+        text = detokenizer.token_bytes(ids.reshape(-1))  # beam width 1
+    elif (array := result.as_numpy("text_output")) is not None:
         text = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1))
     params = result.get_response().parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param
@@ -124,8 +126,10 @@ def parse_result(result: InferResult) -> TritonResponse:
     )
 
 
-def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> list[InferInput]:
-    """Tensors for one request; inputs the deployed ensemble does not declare are left out."""
+def build_arrays(
+    spec: ModelSpec, prompt: str, values: Mapping[str, Any]
+) -> dict[str, tuple[np.ndarray, str]]:
+    """The request's ensemble-level tensors: name -> (array, wire datatype); undeclared inputs left out."""
     wanted: dict[str, Any] = {
         "text_input": prompt,
         "stream": True,  # the ensemble is decoupled: always stream over gRPC, even for non-streamed replies
@@ -138,7 +142,7 @@ def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> lis
     if missing:
         raise TritonError("engine", f"the Triton model lacks required inputs {missing}")
     batch = [1] if spec.max_batch_size > 0 else []
-    inputs: list[InferInput] = []
+    arrays: dict[str, tuple[np.ndarray, str]] = {}
     for name, value in wanted.items():
         input_spec = spec.inputs.get(name)
         if input_spec is None:
@@ -148,21 +152,70 @@ def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> lis
         dtype = input_spec.datatype
         if isinstance(value, np.ndarray):
             # Pre-shaped tensors (images, LoRA weights) already carry their batch dim; bytes stay bytes.
-            data = value if dtype == "BYTES" else value.astype(triton_to_np_dtype(dtype), copy=False)
-            tensor = InferInput(name, list(data.shape), dtype)
-            tensor.set_data_from_numpy(data)
-            inputs.append(tensor)
+            arrays[name] = (
+                value if dtype == "BYTES" else value.astype(triton_to_np_dtype(dtype), copy=False),
+                dtype,
+            )
             continue
         items: Sequence[Any] = value if name in LIST_INPUTS else [value]
         if dtype == "BYTES":
             data = np.array([str(v).encode("utf-8") for v in items], dtype=np.object_)
         else:
             data = np.array(items, dtype=triton_to_np_dtype(dtype))
-        data = data.reshape([*batch, len(items)])
+        arrays[name] = (data.reshape([*batch, len(items)]), dtype)
+    return arrays
+
+
+def infer_inputs(arrays: Mapping[str, tuple[np.ndarray, str]]) -> list[InferInput]:
+    inputs = []
+    for name, (data, dtype) in arrays.items():
         tensor = InferInput(name, list(data.shape), dtype)
         tensor.set_data_from_numpy(data)
         inputs.append(tensor)
     return inputs
+
+
+def build_inputs(spec: ModelSpec, prompt: str, values: Mapping[str, Any]) -> list[InferInput]:
+    """Tensors for one request; inputs the deployed ensemble does not declare are left out."""
+    return infer_inputs(build_arrays(spec, prompt, values))
+
+
+@dataclass(frozen=True)
+class Step:
+    model: str
+    inputs: Mapping[str, str]  # the step model's input -> ensemble tensor
+    outputs: Mapping[str, str]  # the step model's output -> ensemble tensor
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The ensemble's steps up to its decoupled engine, read from the deployed ensemble config.
+
+    The gateway runs them itself (the pre-steps unary, then a stream straight to the engine) instead of
+    streaming through the ensemble: Triton 2.51 does not pass a cancelled ensemble request on to its
+    composing models, so a client that goes away would leave the engine generating; a direct engine
+    stream is cancelled at the engine. Token ids are detokenized here with the same code as the
+    `postprocessing` model (gemma3_core.detokenize), which also saves that per-token hop.
+    """
+
+    pre: tuple[Step, ...]
+    engine: Step
+
+
+def engine_plan(ensemble: Any, decoupled: Mapping[str, bool]) -> EnginePlan | None:
+    """None unless the ensemble is pre-steps -> a decoupled step producing `output_ids` -> post-steps."""
+    if ensemble.platform != "ensemble":
+        return None
+    steps = [
+        Step(s.model_name, dict(s.input_map), dict(s.output_map)) for s in ensemble.ensemble_scheduling.step
+    ]
+    engines = [i for i, st in enumerate(steps) if decoupled.get(st.model)]
+    if len(engines) != 1 or "output_ids" not in steps[engines[0]].outputs:
+        return None
+    pre = tuple(steps[: engines[0]])
+    if any(decoupled.get(st.model) for st in pre):
+        return None
+    return EnginePlan(pre=pre, engine=steps[engines[0]])
 
 
 def _queue_full(message: str) -> TritonError | None:
@@ -200,11 +253,22 @@ def _server_error(exc: InferenceServerException, url: str) -> TritonError:
 
 
 class TritonStreamClient:
-    def __init__(self, url: str, model: str, probe_timeout_s: float = 3.0, request_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        probe_timeout_s: float = 3.0,
+        request_timeout_s: float = 600.0,
+        detokenizer_loader: Callable[[], Any] | None = None,
+    ):
         self.url = url
         self.model = model
         self.probe_timeout_s = probe_timeout_s
         self.request_timeout_s = request_timeout_s
+        # With a detokenizer the gateway runs the ensemble's steps itself (see EnginePlan).
+        self._detokenizer_loader = detokenizer_loader
+        self._detokenizer: Any = None
+        self._plan: EnginePlan | None = None
         self._spec: ModelSpec | None = None
         self._spec_lock = asyncio.Lock()
         keepalive = grpcclient.KeepAliveOptions()
@@ -261,12 +325,38 @@ class TritonStreamClient:
                     i.name: InputSpec(i.name, _wire_dtype(i.data_type), bool(i.optional))
                     for i in config.input
                 }
+                self._plan = await self._engine_plan(config)
                 self._spec = ModelSpec(inputs=inputs, max_batch_size=int(config.max_batch_size))
                 log.info("Triton model %s inputs: %s", self.model, ", ".join(sorted(inputs)))
             return self._spec
 
+    async def _engine_plan(self, config: Any) -> EnginePlan | None:
+        if self._detokenizer_loader is None or config.platform != "ensemble":
+            return None
+        decoupled: dict[str, bool] = {}
+        try:
+            for step in config.ensemble_scheduling.step:
+                response = await self._client.get_model_config(
+                    step.model_name, client_timeout=self.probe_timeout_s
+                )
+                decoupled[step.model_name] = bool(response.config.model_transaction_policy.decoupled)
+        except InferenceServerException as exc:
+            raise _server_error(exc, self.url) from None
+        plan = engine_plan(config, decoupled)
+        if plan is not None and self._detokenizer is None:
+            self._detokenizer = await asyncio.to_thread(self._detokenizer_loader)
+        log.info(
+            "Triton model %s: %s",
+            self.model,
+            f"steps {[st.model for st in plan.pre]} then a direct stream to {plan.engine.model}"
+            if plan
+            else "streamed as one model",
+        )
+        return plan
+
     def forget_spec(self) -> None:
         self._spec = None
+        self._plan = None
 
     async def generate(
         self, prompt: str, values: Mapping[str, Any], request_id: str
@@ -276,12 +366,19 @@ class TritonStreamClient:
         Use with `contextlib.aclosing`: closing the generator early cancels the Triton request.
         """
         spec = await self.model_spec()
-        inputs = build_inputs(spec, prompt, values)
+        plan, detokenizer = self._plan, self._detokenizer
+        if plan is None:
+            model, inputs = self.model, build_inputs(spec, prompt, values)
+        else:
+            model, inputs = (
+                plan.engine.model,
+                await self._run_pre_steps(plan, spec, prompt, values, request_id),
+            )
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {
-                "model_name": self.model,
+                "model_name": model,
                 "inputs": inputs,
                 "request_id": request_id,
                 "parameters": {"triton_enable_empty_final_response": True},
@@ -294,7 +391,7 @@ class TritonStreamClient:
             async for result, error in stream:
                 if error is not None:
                     raise _server_error(error, self.url)
-                response = parse_result(result)
+                response = parse_result(result, detokenizer)
                 yield response
                 if response.final:
                     return
@@ -307,3 +404,27 @@ class TritonStreamClient:
         finally:
             finished.set()
             stream.cancel()  # no-op after a normal end; otherwise Triton cancels the request
+
+    async def _run_pre_steps(
+        self, plan: EnginePlan, spec: ModelSpec, prompt: str, values: Mapping[str, Any], request_id: str
+    ) -> list[InferInput]:
+        """Run the ensemble's steps before the engine (unary) and return the engine's inputs."""
+        tensors = build_arrays(spec, prompt, values)
+        for step in plan.pre:
+            given = {name: tensors[t] for name, t in step.inputs.items() if t in tensors}
+            try:
+                result = await self._client.infer(
+                    step.model,
+                    infer_inputs(given),
+                    request_id=request_id,
+                    client_timeout=self.request_timeout_s,
+                )
+            except InferenceServerException as exc:
+                raise _server_error(exc, self.url) from None
+            except grpc.aio.AioRpcError as exc:
+                raise _rpc_error(exc, self.url) from None
+            for name, t in step.outputs.items():
+                out = result.get_output(name)
+                if out is not None:  # optional outputs (the image prompt table) may be absent
+                    tensors[t] = (result.as_numpy(name), out.datatype)
+        return infer_inputs({name: tensors[t] for name, t in plan.engine.inputs.items() if t in tensors})

@@ -226,13 +226,3 @@ def test_gpu_tensorrt_llm_parameters(tmp_path: Path) -> None:
     assert outs["output_ids"].data_type == mc.TYPE_INT32 and list(outs["output_ids"].dims) == [-1, -1]
     assert {"sequence_length", "num_input_tokens", "num_output_tokens"} <= set(outs)
 
-
-def test_ids_ensemble_is_the_ensemble_minus_postprocessing(rendered: dict[str, Model]) -> None:
-    full, ids = rendered["ensemble"].cfg, rendered["ensemble_ids"].cfg
-    assert [s.model_name for s in ids.ensemble_scheduling.step] == [
-        s.model_name for s in full.ensemble_scheduling.step if s.model_name != "postprocessing"
-    ]
-    assert list(ids.input) == list(full.input)
-    outputs = {o.name for o in ids.output}
-    assert {"output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"} <= outputs
-    assert "text_output" not in outputs
