@@ -225,4 +225,3 @@ def test_gpu_tensorrt_llm_parameters(tmp_path: Path) -> None:
     outs = _tensors(cfg, "output")
     assert outs["output_ids"].data_type == mc.TYPE_INT32 and list(outs["output_ids"].dims) == [-1, -1]
     assert {"sequence_length", "num_input_tokens", "num_output_tokens"} <= set(outs)
-
