@@ -15,8 +15,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import ModelSpec, TritonError, TritonResponse
+from gateway.triton_stream import TritonError, TritonResponse
 from gemma3_core.chat_template import render_chat
+from tests.gateway_fakes import AlwaysReadyBackend
 
 MODEL = "gemma-test"
 USER = [{"role": "user", "content": "hi"}]
@@ -37,7 +38,7 @@ def words(*pieces: str) -> Script:
     return lambda index, values: [*(tok(p) for p in pieces), END]
 
 
-class Scripted:
+class Scripted(AlwaysReadyBackend):
     """Yields scripted responses per choice; records calls and which streams were closed."""
 
     url = "scripted:0"
@@ -48,15 +49,6 @@ class Scripted:
         self.calls: list[tuple[str, dict[str, Any], str]] = []
         self.closed: list[str] = []
         self.completed: list[str] = []
-
-    async def ready(self) -> tuple[bool, str]:
-        return True, "ready"
-
-    async def model_spec(self) -> ModelSpec:
-        return ModelSpec({}, 1)
-
-    async def close(self) -> None:
-        pass
 
     async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
         self.calls.append((prompt, dict(values), request_id))

@@ -22,13 +22,14 @@ from gateway.chat import triton_api_error
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import InputSpec, ModelSpec, TritonError, TritonResponse, build_inputs
 from gemma3_core.lora import cache_miss_message, stable_task_id
+from tests.gateway_fakes import AlwaysReadyBackend
 
 MODEL = "gemma-test"
 USER = [{"role": "user", "content": "hi"}]
 END = TritonResponse(b"", 5, 0, True)
 
 
-class Engine:
+class Engine(AlwaysReadyBackend):
     """Answers every request with `text`; with `lora_cache`, behaves like TensorRT-LLM's PEFT cache."""
 
     url = "scripted:0"
@@ -40,15 +41,6 @@ class Engine:
         self.lora_cache = lora_cache
         self.error = error
         self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    async def ready(self) -> tuple[bool, str]:
-        return True, "ready"
-
-    async def model_spec(self) -> ModelSpec:
-        return ModelSpec({}, 1)
-
-    async def close(self) -> None:
-        pass
 
     async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
         self.calls.append((prompt, dict(values)))

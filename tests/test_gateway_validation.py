@@ -15,27 +15,19 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import ModelSpec, TritonResponse
+from gateway.triton_stream import TritonResponse
+from tests.gateway_fakes import AlwaysReadyBackend
 
 MODEL = "gemma-test"
 USER = [{"role": "user", "content": "hi"}]
 MAX_MODEL_LEN = 2000  # room for the tool prompt (one CharTokenizer token per character)
 
 
-class NoTriton:
+class NoTriton(AlwaysReadyBackend):
     """A backend that fails the test if a request gets as far as Triton."""
 
     url = "no-triton:0"
     generated = 0
-
-    async def ready(self) -> tuple[bool, str]:
-        return True, "ready"
-
-    async def model_spec(self) -> ModelSpec:
-        return ModelSpec({}, 1)
-
-    async def close(self) -> None:
-        pass
 
     async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
         NoTriton.generated += 1
