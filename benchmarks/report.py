@@ -302,17 +302,17 @@ FINDINGS = [
     "lookup); the rest is the Python backend's per-request machinery (shared-memory IPC, tensor wrapping, "
     "`serialize_byte_tensor`). A leaner `execute` (single-token fast path, one pass over the inputs) "
     "made no measurable difference (61 vs 59-62 µs/token), so it was not kept: the cost is the hop, not "
-    "the detokenizer. **Fix: take it off the streaming path.** Stream `output_ids` from an ensemble "
-    "without postprocessing (`ensemble_ids` above: preprocessing → tensorrt_llm) and detokenize in the "
-    "gateway with `gemma3_core.detokenize.ByteDetokenizer` + `IncrementalText` (exact bytes, a list "
-    "lookup per token); keep `ensemble` (text_output) for perf_analyzer/genai-perf and other clients. "
-    "Saving: the postprocessing-hop figure above.",
+    "the detokenizer. **Done: the gateway no longer goes through it.** It runs the ensemble's "
+    "pre-engine steps itself and streams `output_ids` straight from `tensorrt_llm`, detokenizing with "
+    "`gemma3_core.detokenize` (a list lookup per token); this was needed anyway because Triton 2.51 does "
+    "not cancel an ensemble's composing requests when the client goes away (docs/architecture.md). "
+    "`ensemble` (text_output) stays for perf_analyzer/genai-perf and other clients.",
     "2. **The gateway** (one process, per token): ≈30 % in `transport.write` (one socket write per SSE "
     "chunk, loopback delivery included), ≈15 % in the gRPC read, and the rest Python spread thin: "
     "tritonclient's `InferResult.as_numpy` on three outputs per response, `asyncio.wait_for` around "
     "`Queue.get` per event (a new task each time), the Starlette/middleware `send` chain per chunk, "
     "`json.dumps` of a whole chunk dict per token, Prometheus `labels()` lookups per token. "
-    "**Fixes (gateway/, not changed here):** for n = 1 iterate the Triton stream directly in the SSE "
+    "**Next fixes (not made yet):** for n = 1 iterate the Triton stream directly in the SSE "
     "generator (no queue, no task per event; one `asyncio.timeout` for the deadline); drain whatever is "
     "already received and send it as one write (coalescing under load); read `raw_output_contents` "
     "instead of `as_numpy`; pre-encode the chunk prefix/suffix and JSON-escape only the delta text; bind "
@@ -324,10 +324,10 @@ FINDINGS = [
     "is several times the ensemble's (table above). Per-request work (JSON-schema validation, the chat "
     "template, tokenization, a new gRPC stream) shares one event loop with the per-token work of the "
     "streams already running; not profiled per request yet.",
-    "5. **Correctness, found by the double:** a streamed generation that ends on `end_id` (or is "
-    "cancelled) gets a final response with zero tokens; `postprocessing` reshapes it with `-1` and "
-    "fails (`cannot reshape array of size 0`), so the client sees an error instead of a clean end. "
-    "`tests/test_fast_double.py` keeps a strict xfail on it.",
+    "5. **Correctness, found by the double (fixed):** a streamed generation that ends on `end_id` (or "
+    "is cancelled) gets a final response with zero tokens; `postprocessing` reshaped it with `-1` and "
+    "failed, so the client saw an error instead of a clean end. Fixed in `postprocessing/1/model.py`; "
+    "`tests/test_fast_double.py` and `tests/test_triton_stack.py` cover it.",
     "",
 ]
 
