@@ -117,8 +117,7 @@ def test_special_token_ids(tokenizer) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, C.IMAGE_SOFT_TOKEN_ID), min_size=1, max_size=30))
-def test_byte_detokenizer_matches_hf_decode(tokenizer, ids: list[int]) -> None:
-    detok = _detok(tokenizer)
+def test_byte_detokenizer_matches_hf_decode(tokenizer, detok: ByteDetokenizer, ids: list[int]) -> None:
     data = detok.token_bytes(ids)
     expected = tokenizer.decode(ids, skip_special_tokens=True)
     try:
@@ -134,15 +133,12 @@ def test_byte_detokenizer_matches_hf_decode(tokenizer, ids: list[int]) -> None:
     assert out == expected
 
 
-_DETOK: dict[int, ByteDetokenizer] = {}
+@pytest.fixture(scope="session")
+def detok(tokenizer) -> ByteDetokenizer:  # building the id -> bytes table takes ~0.3 s: once
+    return ByteDetokenizer(tokenizer)
 
 
-def _detok(tokenizer) -> ByteDetokenizer:
-    return _DETOK.setdefault(id(tokenizer), ByteDetokenizer(tokenizer))
-
-
-def test_detokenizer_split_multibyte_character(tokenizer) -> None:
-    detok = _detok(tokenizer)
+def test_detokenizer_split_multibyte_character(tokenizer, detok: ByteDetokenizer) -> None:
     # "🦊" needs byte fallback: its UTF-8 bytes are separate tokens.
     ids = encode(tokenizer, "fox 🦊!")
     chunks = [detok.token_bytes([i]) for i in ids]
