@@ -68,12 +68,9 @@ def main() -> int:
         plain = [ttft(client, args.model, text) for _ in range(args.runs)]
         image = [ttft(client, args.model, with_image) for _ in range(args.runs)]
     p50_plain, p50_image = statistics.median(plain), statistics.median(image)
-    print(
-        f"TTFT text only : p50 {p50_plain * 1000:8.1f} ms  min {min(plain) * 1000:8.1f} ms  ({args.runs} runs)"
-    )
-    print(
-        f"TTFT one image : p50 {p50_image * 1000:8.1f} ms  min {min(image) * 1000:8.1f} ms  ({args.runs} runs)"
-    )
+    for label, runs in (("text only", plain), ("one image", image)):
+        p50 = statistics.median(runs)
+        print(f"TTFT {label} : p50 {p50 * 1000:8.1f} ms  min {min(runs) * 1000:8.1f} ms  ({args.runs} runs)")
     print(f"image cost     : {(p50_image - p50_plain) * 1000:8.1f} ms at p50 ({p50_image / p50_plain:.1f}x)")
     return 0
 
