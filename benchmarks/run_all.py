@@ -107,13 +107,10 @@ def free_port() -> int:
 
 def render_repo(target: str, out: Path, extra: dict[str, str], max_batch_size: int) -> Path:
     from build_engine.cpu import prepare, repository_values
-    from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+    from build_engine.render import render, values_for
 
     values = {**repository_values(prepare(), max_batch_size=max_batch_size, max_seq_len=2048), **extra}
-    used: set[str] = set()
-    for src, _ in TARGET_MODELS[target]:
-        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
-    render(target, out, {k: v for k, v in values.items() if k in used})  # cpu-fast-double has no vision
+    render(target, out, values_for(target, values))  # cpu-fast-double has no vision
     return out
 
 

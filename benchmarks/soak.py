@@ -163,7 +163,7 @@ def stack(
 ) -> Iterator[tuple[str, int, str]]:
     """tritonserver + `python -m gateway`; yields (gateway URL, gateway pid, model id)."""
     from build_engine.cpu import CpuArtifacts, cache_root, prepare, repository_values
-    from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+    from build_engine.render import render, values_for
     from stack.triton_launcher import TritonPorts, start
 
     art = prepare(cache_root()) if engine == "real" else CpuArtifacts(cache_root())
@@ -172,11 +172,8 @@ def stack(
     if engine == "double":
         # Paced so that a burst's streams overlap (on 2 cores the client itself spreads a burst out).
         values |= {"fast_double_token_interval_us": str(interval_us), "fast_double_first_token_delay_us": "0"}
-    used: set[str] = set()
-    for src, _ in TARGET_MODELS[target]:
-        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
     repo = work / "model_repository"
-    render(target, repo, {k: v for k, v in values.items() if k in used})
+    render(target, repo, values_for(target, values))
     ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
     triton = start(repo, ports=ports)
     try:

@@ -66,6 +66,15 @@ def fill(text: str, values: Mapping[str, str], *, where: str) -> str:
     return string.Template(text).substitute({k: str(v) for k, v in values.items()})
 
 
+def values_for(target: str, values: Mapping[str, str]) -> dict[str, str]:
+    """The subset of a shared values dict that `target`'s templates use (e.g. the CPU values for the
+    `cpu-fast-double` target, which has no vision encoder): `plan` rejects unused values on purpose."""
+    used: set[str] = set()
+    for src_name, _ in TARGET_MODELS[target]:
+        used |= placeholders((TEMPLATES_DIR / src_name / "config.pbtxt").read_text())
+    return {k: v for k, v in values.items() if k in used}
+
+
 def plan(target: str, out_dir: Path, values: Mapping[str, str]) -> list[RenderedFile]:
     """Every config file the target's repository gets, filled; raises on any missing or unused value."""
     if target not in TARGET_MODELS:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from build_engine.cpu import CpuArtifacts, cache_root, repository_values
-from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+from build_engine.render import render, values_for
 
 pytestmark = pytest.mark.e2e
 
@@ -73,11 +73,8 @@ def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         "fast_double_token_interval_us": str(INTERVAL_US),
         "fast_double_first_token_delay_us": "0",
     }
-    used: set[str] = set()
-    for src, _ in TARGET_MODELS["cpu-fast-double"]:
-        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
     repo = tmp_path_factory.mktemp("fast_double") / "model_repository"
-    render("cpu-fast-double", repo, {k: v for k, v in values.items() if k in used})
+    render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
     log = (repo.parent / "tritonserver.log").open("w")
     proc = start(
         repo,

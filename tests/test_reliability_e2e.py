@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 
 from build_engine.cpu import CpuArtifacts, cache_root, repository_values
-from build_engine.render import TARGET_MODELS, TEMPLATES_DIR, placeholders, render
+from build_engine.render import render, values_for
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
@@ -103,11 +103,8 @@ def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
         "fast_double_token_interval_us": str(token_interval_us),
         "fast_double_first_token_delay_us": "0",
     }
-    used: set[str] = set()
-    for src, _ in TARGET_MODELS["cpu-fast-double"]:
-        used |= placeholders((TEMPLATES_DIR / src / "config.pbtxt").read_text())
     repo = root / "model_repository"
-    render("cpu-fast-double", repo, {k: v for k, v in values.items() if k in used})
+    render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
     server = DoubleTriton(repo, TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port()))
     try:
         server.start()

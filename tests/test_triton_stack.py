@@ -168,9 +168,7 @@ async def test_stream_ending_on_end_id_is_clean(triton_server, tokenizer) -> Non
     ids = await engine_greedy(triton_server.grpc_url, encode(tokenizer, prompt), 8)
     end_id = ids[3]
     assert end_id not in ids[:3]
-    res = await stream(
-        triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 8, top_k=1, end_id=end_id)
-    )
+    res = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 8, top_k=1, end_id=end_id))
     assert res.error is None, res.error
     assert res.num_output_tokens == 3
     assert res.data == ByteDetokenizer(tokenizer).token_bytes(ids[:3])
