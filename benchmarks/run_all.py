@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import loads  # noqa: E402
-from benchmarks.procstat import ProcessGroup, component, delta  # noqa: E402
+from stack.procstat import ProcessGroup, component, delta  # noqa: E402
 
 BENCH_VENV = REPO / ".venv-bench"
 BENCH_REQUIREMENTS = REPO / "benchmarks" / "requirements-bench.txt"
