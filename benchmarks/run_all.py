@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +142,8 @@ class Stack:
 
 @contextlib.contextmanager
 def serve(repo: Path, name: str, tokenizer_dir: str, engine_threads: int) -> Iterator[Stack]:
+    from stack import gateway_process
+    from stack.gateway_process import gateway_env
     from stack.triton_launcher import TritonPorts, start
 
     logs = WORK / "logs"
@@ -156,44 +157,19 @@ def serve(repo: Path, name: str, tokenizer_dir: str, engine_threads: int) -> Ite
         workdir=WORK / f".triton-{name}",
         log_sink=lambda line: (triton_log.write(line + "\n"), triton_log.flush()),
     )
-    gateway = None
     try:
         triton.wait_ready(timeout=600)
-        port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "TRITON_GRPC_URL": triton.grpc_url,
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(port),
-            "GATEWAY_MODEL_ID": MODEL_ID,
-            "GATEWAY_MODEL_ALIASES": "",
-            "GATEWAY_TOKENIZER_DIR": tokenizer_dir,
-            "GATEWAY_MAX_MODEL_LEN": "2048",
-        }
-        with (logs / f"{name}.gateway.log").open("wb") as glog:
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway"], cwd=REPO, env=env, stdout=glog, stderr=subprocess.STDOUT
-            )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if gateway.poll() is not None:
-                raise RuntimeError(f"gateway exited ({gateway.returncode}); see {logs}/{name}.gateway.log")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("gateway not ready after 120 s")
-            time.sleep(0.3)
-        yield Stack(triton, gateway, url, tokenizer_dir)
+        env = gateway_env(
+            grpc_url=triton.grpc_url,
+            port=free_port(),
+            tokenizer_dir=tokenizer_dir,
+            model_id=MODEL_ID,
+            max_model_len=2048,
+            PYTHONPATH=str(REPO),
+        )
+        with gateway_process.running(env, logs / f"{name}.gateway.log") as (url, gateway):
+            yield Stack(triton, gateway, url, tokenizer_dir)
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            try:
-                gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
         triton.stop()
         triton_log.close()
 

@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -164,6 +162,8 @@ def stack(
     """tritonserver + `python -m gateway`; yields (gateway URL, gateway pid, model id)."""
     from build_engine.cpu import CpuArtifacts, cache_root, prepare, repository_values
     from build_engine.render import render, values_for
+    from stack import gateway_process
+    from stack.gateway_process import gateway_env
     from stack.triton_launcher import TritonPorts, start
 
     art = prepare(cache_root()) if engine == "real" else CpuArtifacts(cache_root())
@@ -178,42 +178,19 @@ def stack(
     triton = start(repo, ports=ports)
     try:
         triton.wait_ready(600)
-        port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
-            "TRITON_GRPC_URL": triton.grpc_url,
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(port),
-            "GATEWAY_MODEL_ID": "gemma-3-270m",
-            "GATEWAY_MODEL_ALIASES": "",
-            "GATEWAY_TOKENIZER_DIR": str(art.tokenizer_dir),
-            "GATEWAY_MAX_MODEL_LEN": "1024",
-            "GATEWAY_LOG_LEVEL": "warning",
-            "GATEWAY_IMAGES_ENABLED": "false",
+        env = gateway_env(
+            grpc_url=triton.grpc_url,
+            port=free_port(),
+            tokenizer_dir=art.tokenizer_dir,
+            model_id="gemma-3-270m",
+            max_model_len=1024,
+            PYTHONPATH=str(REPO_ROOT),
+            GATEWAY_LOG_LEVEL="warning",
+            GATEWAY_IMAGES_ENABLED="false",
             **settings,
-        }
-        log = (work / "gateway.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
         )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway did not start (log: {work / 'gateway.log'})")
-                time.sleep(0.25)
+        with gateway_process.running(env, work / "gateway.log") as (url, proc):
             yield url, proc.pid, "gemma-3-270m"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     finally:
         triton.stop()
 

@@ -12,13 +12,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 from build_engine.cpu import cache_root, prepare, repository_values
 from build_engine.render import render
 from gemma3_core import constants as C
+from stack import gateway_process
+from stack.gateway_process import GatewayStartError, gateway_env
 from stack.triton_launcher import LauncherError, TritonPorts, start
 
 REPO = Path(os.environ.get("MODEL_REPOSITORY", "build/model_repository/cpu"))
@@ -27,21 +27,6 @@ MAX_SEQ_LEN = int(os.environ.get("CPU_MAX_SEQ_LEN", "8192"))
 
 def say(msg: str) -> None:
     print(f"[serve] {msg}", file=sys.stderr, flush=True)
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise LauncherError(f"gateway exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise LauncherError(f"gateway not ready after {timeout:.0f}s ({url})")
 
 
 def main() -> int:
@@ -71,23 +56,19 @@ def main() -> int:
         triton.wait_ready(timeout=600)
         host = os.environ.get("GATEWAY_HOST", "127.0.0.1")
         port = int(os.environ.get("GATEWAY_PORT", "8080"))
-        env = {
-            **os.environ,
-            "GATEWAY_HOST": host,
-            "GATEWAY_PORT": str(port),
-            "TRITON_GRPC_URL": triton.grpc_url,
-            "GATEWAY_TOKENIZER_DIR": str(art.tokenizer_dir),
-            "GATEWAY_MAX_MODEL_LEN": str(MAX_SEQ_LEN),
-            "GATEWAY_MODEL_ID": os.environ.get("GATEWAY_MODEL_ID", C.CPU_MODEL_ID),
-        }
-        env.setdefault("GATEWAY_MODEL_ALIASES", "[]")
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        _wait_http(f"http://{shown}:{port}/health/ready", gateway, timeout=120)
-        say(
-            f"ready: OpenAI API at http://{shown}:{port}/v1  (model {env['GATEWAY_MODEL_ID']}; "
-            "docs at /docs). Ctrl-C stops."
+        env = gateway_env(
+            grpc_url=triton.grpc_url,
+            port=port,
+            tokenizer_dir=art.tokenizer_dir,
+            model_id=os.environ.get("GATEWAY_MODEL_ID", C.CPU_MODEL_ID),
+            max_model_len=MAX_SEQ_LEN,
+            host=host,
+            GATEWAY_MODEL_ALIASES=os.environ.get("GATEWAY_MODEL_ALIASES", "[]"),
         )
+        gateway = gateway_process.start(env)
+        url = gateway_process.base_url(env)
+        gateway_process.wait_ready(url, gateway)
+        say(f"ready: OpenAI API at {url}/v1  (model {env['GATEWAY_MODEL_ID']}; docs at /docs). Ctrl-C stops.")
         while not stopping.is_set():
             if triton.proc.poll() is not None:
                 say(f"tritonserver exited ({triton.proc.returncode}); stopping")
@@ -98,7 +79,7 @@ def main() -> int:
             stopping.wait(0.5)
         say("stopping ...")
         return 0
-    except LauncherError as exc:
+    except (LauncherError, GatewayStartError) as exc:
         say(f"error: {exc}")
         return 1
     finally:
