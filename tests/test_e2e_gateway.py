@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,6 @@ CARD_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Name the european capitals"},
 ]
-
-
-@pytest.fixture(scope="session")
-def sdk(gateway: GatewayTarget) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{gateway.url}/v1", api_key=gateway.api_key or "unused", max_retries=0, timeout=300
-    )
-
-
-@pytest.fixture(scope="session")
-def http(gateway: GatewayTarget) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=300) as client:
-        yield client
 
 
 def local_only(gateway: GatewayTarget) -> Any:

@@ -91,17 +91,6 @@ def _sdk(url: str, api_key: str = "") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=0, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def sdk(gateway: GatewayTarget) -> openai.OpenAI:
-    return _sdk(gateway.url, gateway.api_key)
-
-
-@pytest.fixture(scope="module")
-def http(gateway: GatewayTarget) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=300) as client:
-        yield client
-
-
 class ImageHost:
     """A local image server: /red.png, /noise.jpg, /text (not an image), /stall (never answers in time)."""
 

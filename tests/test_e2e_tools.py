@@ -9,7 +9,6 @@ guided decoding, so even the small base model produces valid calls/JSON; the tes
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -55,19 +54,6 @@ TIME = {
 TOOLS = [WEATHER, TIME]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-
-
-@pytest.fixture(scope="module")
-def sdk(gateway: GatewayTarget) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{gateway.url}/v1", api_key=gateway.api_key or "unused", max_retries=0, timeout=300
-    )
-
-
-@pytest.fixture(scope="module")
-def http(gateway: GatewayTarget) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=300) as client:
-        yield client
 
 
 def check_call(name: str, arguments: str, allowed: set[str]) -> dict[str, Any]:
