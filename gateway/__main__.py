@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import uvicorn
-
-from gateway.app import create_app
-from gateway.logs import configure_logging
-from gateway.settings import GatewaySettings
+from gateway import grpc_env
 
 
 def main() -> None:
+    grpc_env.apply()  # before anything imports grpc
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.settings import GatewaySettings
+
     settings = GatewaySettings()
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(

@@ -90,7 +90,8 @@ class _Choice:
         return "".join(self.parts)
 
 
-# Queue events: (kind, choice index, payload) with kind "delta" (str), "finish" (str) or "error" (APIError).
+# Queue events: (kind, choice index, payload) with kind "delta" (str), "finish" (str), "error" (APIError)
+# or "timeout" (the request deadline passed).
 Event = tuple[str, int, Any]
 
 
@@ -111,7 +112,6 @@ class Generation:
         self.ctx = ctx
         self.metrics = metrics
         self.count_tokens = count_tokens
-        self.deadline = time.monotonic() + timeout_s
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.choices = [_Choice(i, StopMatcher(ctx.sampling.stop)) for i in range(ctx.request.n)]
         self.prompt_tokens: int | None = None
@@ -120,15 +120,19 @@ class Generation:
         self._closed = False
         self.on_close: Callable[[], None] | None = None  # releases the admission permit
         self._tasks = [asyncio.create_task(self._run(choice)) for choice in self.choices]
+        # The deadline is one timer that queues a "timeout" event, not a `wait_for` (a task) per event.
+        self._deadline_timer = asyncio.get_running_loop().call_later(
+            timeout_s, self.queue.put_nowait, ("timeout", -1, None)
+        )
         metrics.in_flight.labels(metrics.model).inc()
 
     # --- producing ---------------------------------------------------------------------------
     def _emit(self, choice: _Choice, text: str) -> None:
         now = time.monotonic()
         if choice.last_delta_at is None:
-            self.metrics.ttft.labels(self.metrics.model).observe(now - self.ctx.arrival)
+            self.metrics.model_ttft.observe(now - self.ctx.arrival)
         else:
-            self.metrics.itl.labels(self.metrics.model).observe(now - choice.last_delta_at)
+            self.metrics.model_itl.observe(now - choice.last_delta_at)
         choice.last_delta_at = now
         choice.parts.append(text)
         self.queue.put_nowait(("delta", choice.index, text))
@@ -174,15 +178,15 @@ class Generation:
 
     # --- consuming ---------------------------------------------------------------------------
     async def next_event(self) -> Event:
-        remaining = self.deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            event = await asyncio.wait_for(self.queue.get(), remaining)
-        except asyncio.TimeoutError:
-            raise APIError(
-                504, "The request exceeded the gateway's timeout", type=TIMEOUT, code="timeout"
-            ) from None
+        return self._account(await self.queue.get())
+
+    def ready_event(self) -> Event | None:
+        """The next event if one is already queued (the stream sends everything queued in one write)."""
+        return None if self.queue.empty() else self._account(self.queue.get_nowait())
+
+    def _account(self, event: Event) -> Event:
+        if event[0] == "timeout":
+            raise APIError(504, "The request exceeded the gateway's timeout", type=TIMEOUT, code="timeout")
         if event[0] == "finish":
             self.unfinished -= 1
             self.metrics.finished.labels(self.metrics.model, event[2]).inc()
@@ -198,6 +202,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self._deadline_timer.cancel()
         for task in self._tasks:
             if not task.done():
                 task.cancel()
@@ -239,39 +244,56 @@ class Generation:
         # With tools, text goes through a streaming call parser: call text never reaches `content`.
         parsers = {c.index: self.ctx.tools.new_parser() for c in self.choices}
         try:
-            for choice in self.choices:
-                yield factory.role(choice.index)
-            event = first
-            while True:
-                kind, index, payload = event
-                parser = parsers[index]
-                if kind == "delta" and parser is None:
-                    yield factory.content(index, payload)
-                elif kind == "delta":
-                    for delta in parser.feed(payload):
-                        yield factory.delta(index, delta)
-                elif kind == "finish":
-                    if parser is not None:
-                        for delta in parser.finish():
-                            yield factory.delta(index, delta)
-                        payload = "tool_calls" if parser.has_tool_calls else payload
-                    yield factory.finish(index, payload)
-                    if not self.unfinished:
-                        break
-                else:
-                    yield sse.error_event(payload.body())
+            out = [factory.role(choice.index) for choice in self.choices]
+            event: Event | None = first
+            ended = False
+            while not ended:
+                # Everything already queued goes out as one write: under load, one syscall per batch.
+                while event is not None and not ended:
+                    ended = self._encode(event, factory, parsers, out)
+                    if not ended:
+                        try:
+                            event = self.ready_event()
+                        except APIError as exc:
+                            out.append(sse.error_event(exc.body()))
+                            ended = True
+                if ended:
                     break
+                yield b"".join(out)
+                out.clear()
                 try:
                     event = await self.next_event()
                 except APIError as exc:
-                    yield sse.error_event(exc.body())
+                    out.append(sse.error_event(exc.body()))
                     break
             if not self.unfinished and factory.include_usage:
-                yield factory.usage(self.usage())
+                out.append(factory.usage(self.usage()))
             self.done = True
-            yield sse.DONE
+            out.append(sse.DONE)
+            yield b"".join(out)
         finally:
             self.close()
+
+    def _encode(
+        self, event: Event, factory: sse.ChunkFactory, parsers: dict[int, Any], out: list[bytes]
+    ) -> bool:
+        """Append the SSE chunks of one event; True when the stream ends with it."""
+        kind, index, payload = event
+        parser = parsers[index]
+        if kind == "delta" and parser is None:
+            out.append(factory.content(index, payload))
+        elif kind == "delta":
+            out.extend(factory.delta(index, delta) for delta in parser.feed(payload))
+        elif kind == "finish":
+            if parser is not None:
+                out.extend(factory.delta(index, delta) for delta in parser.finish())
+                payload = "tool_calls" if parser.has_tool_calls else payload
+            out.append(factory.finish(index, payload))
+            return not self.unfinished
+        else:
+            out.append(sse.error_event(payload.body()))
+            return True
+        return False
 
 
 class ClientDisconnected(Exception):

@@ -71,6 +71,9 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        # Per-token series, bound once: `labels()` is a locked dict lookup, too dear to pay per token.
+        self.model_ttft = self.ttft.labels(model)
+        self.model_itl = self.itl.labels(model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

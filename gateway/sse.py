@@ -8,7 +8,7 @@ with `choices: []` carries the totals (only then: naive clients crash on an empt
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
@@ -22,12 +22,18 @@ def encode_event(payload: dict[str, Any]) -> bytes:
     )
 
 
+# Stands in for the delta text while the constant part of a content chunk is encoded once.
+_TEXT_SLOT = "\x00text-slot\x00"
+
+
 @dataclass(frozen=True)
 class ChunkFactory:
     id: str
     created: int
     model: str
     include_usage: bool = False
+    # index -> (bytes before, bytes after) the JSON string of a content delta; filled on first use.
+    _content_frames: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False, compare=False)
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -48,7 +54,14 @@ class ChunkFactory:
         return encode_event(self._chunk([self._choice(index, {"role": "assistant", "content": ""})]))
 
     def content(self, index: int, text: str) -> bytes:
-        return encode_event(self._chunk([self._choice(index, {"content": text})]))
+        """A content delta: the per-token path, so only the text is JSON-encoded (same bytes as `delta`)."""
+        frame = self._content_frames.get(index)
+        if frame is None:
+            whole = encode_event(self._chunk([self._choice(index, {"content": _TEXT_SLOT})]))
+            before, _, after = whole.partition(json.dumps(_TEXT_SLOT).encode())
+            frame = self._content_frames[index] = (before, after)
+        text_json = json.dumps(text, ensure_ascii=False).encode("utf-8", "replace")
+        return frame[0] + text_json + frame[1]
 
     def delta(self, index: int, delta: dict[str, Any]) -> bytes:
         """Any delta (tool calls: `{"tool_calls": [...]}`)."""

@@ -8,17 +8,20 @@ cancels the request and the engine stops generating.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import dataclasses
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
-from tritonclient.grpc import InferInput, InferResult, model_config_pb2
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult, model_config_pb2
 from tritonclient.grpc import aio as grpcclient
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, triton_to_np_dtype
 
 log = logging.getLogger("gateway.triton")
 
@@ -68,6 +71,7 @@ class InputSpec:
 class ModelSpec:
     inputs: Mapping[str, InputSpec]
     max_batch_size: int
+    outputs: frozenset[str] = frozenset()  # declared output names (empty: unknown, ask for all)
 
     def accepts(self, name: str) -> bool:
         return name in self.inputs
@@ -102,28 +106,48 @@ def _wire_dtype(data_type: int) -> str:
     return "BYTES" if name == "STRING" else name
 
 
-def _first_int(result: InferResult, name: str) -> int | None:
-    array = result.as_numpy(name)
-    if array is None or array.size == 0:
-        return None
-    return int(array.reshape(-1)[0])
+# Outputs the gateway reads; a stream asks for just these (of those the model declares), so Triton sends and
+# the client parses nothing else per token.
+TEXT_OUTPUTS = ("text_output", "num_input_tokens", "num_output_tokens")
+ID_OUTPUTS = ("output_ids", "num_input_tokens", "num_output_tokens")
+_INT_TYPECODES = {"INT32": "i", "INT64": "q", "UINT32": "I", "UINT64": "Q"}
+
+
+def _ints(raw: bytes, datatype: str) -> Sequence[int]:
+    """A raw little-endian integer tensor as ints, without numpy (this runs once per streamed token)."""
+    values = array.array(_INT_TYPECODES[datatype])
+    values.frombytes(raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
 
 
 def parse_result(result: InferResult, detokenizer: Any = None) -> TritonResponse:
+    """One streamed response, read from its raw tensors (Triton's gRPC always fills raw_output_contents)."""
+    response = result.get_response()
     text = b""
-    ids = result.as_numpy("output_ids") if detokenizer is not None else None
-    if ids is not None:
-        text = detokenizer.token_bytes(ids.reshape(-1))  # beam width 1
-    elif (array := result.as_numpy("text_output")) is not None:
-        text = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1))
-    params = result.get_response().parameters
+    num_input = num_output = None
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        name = output.name
+        if name == "output_ids":
+            if detokenizer is not None:
+                text = detokenizer.token_bytes(_ints(raw, output.datatype))  # beam width 1
+        elif name == "text_output":
+            text = b"".join(deserialize_bytes_tensor(raw))
+        elif name == "num_input_tokens" and raw:
+            num_input = _ints(raw, output.datatype)[0]
+        elif name == "num_output_tokens" and raw:
+            num_output = _ints(raw, output.datatype)[0]
+    params = response.parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param
-    return TritonResponse(
-        text=text,
-        num_input_tokens=_first_int(result, "num_input_tokens"),
-        num_output_tokens=_first_int(result, "num_output_tokens"),
-        final=bool(final),
-    )
+    return TritonResponse(text=text, num_input_tokens=num_input, num_output_tokens=num_output, final=final)
+
+
+def requested_outputs(wanted: Sequence[str], declared: frozenset[str]) -> list[InferRequestedOutput] | None:
+    """The outputs to ask for: those wanted that the model declares (None, i.e. all, if unknown)."""
+    if not declared:
+        return None
+    return [InferRequestedOutput(name) for name in wanted if name in declared]
 
 
 def build_arrays(
@@ -200,6 +224,7 @@ class EnginePlan:
 
     pre: tuple[Step, ...]
     engine: Step
+    engine_outputs: frozenset[str] = frozenset()  # what the engine model declares (empty: unknown)
 
 
 def engine_plan(ensemble: Any, decoupled: Mapping[str, bool]) -> EnginePlan | None:
@@ -326,7 +351,11 @@ class TritonStreamClient:
                     for i in config.input
                 }
                 self._plan = await self._engine_plan(config)
-                self._spec = ModelSpec(inputs=inputs, max_batch_size=int(config.max_batch_size))
+                self._spec = ModelSpec(
+                    inputs=inputs,
+                    max_batch_size=int(config.max_batch_size),
+                    outputs=frozenset(o.name for o in config.output),
+                )
                 log.info("Triton model %s inputs: %s", self.model, ", ".join(sorted(inputs)))
             return self._spec
 
@@ -334,15 +363,19 @@ class TritonStreamClient:
         if self._detokenizer_loader is None or config.platform != "ensemble":
             return None
         decoupled: dict[str, bool] = {}
+        outputs: dict[str, frozenset[str]] = {}
         try:
             for step in config.ensemble_scheduling.step:
                 response = await self._client.get_model_config(
                     step.model_name, client_timeout=self.probe_timeout_s
                 )
                 decoupled[step.model_name] = bool(response.config.model_transaction_policy.decoupled)
+                outputs[step.model_name] = frozenset(o.name for o in response.config.output)
         except InferenceServerException as exc:
             raise _server_error(exc, self.url) from None
         plan = engine_plan(config, decoupled)
+        if plan is not None:
+            plan = dataclasses.replace(plan, engine_outputs=outputs[plan.engine.model])
         if plan is not None and self._detokenizer is None:
             self._detokenizer = await asyncio.to_thread(self._detokenizer_loader)
         log.info(
@@ -369,17 +402,20 @@ class TritonStreamClient:
         plan, detokenizer = self._plan, self._detokenizer
         if plan is None:
             model, inputs = self.model, build_inputs(spec, prompt, values)
+            outputs = requested_outputs(TEXT_OUTPUTS, spec.outputs)
         else:
             model, inputs = (
                 plan.engine.model,
                 await self._run_pre_steps(plan, spec, prompt, values, request_id),
             )
+            outputs = requested_outputs(ID_OUTPUTS, plan.engine_outputs)
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {
                 "model_name": model,
                 "inputs": inputs,
+                "outputs": outputs,
                 "request_id": request_id,
                 "parameters": {"triton_enable_empty_final_response": True},
             }

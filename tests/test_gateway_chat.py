@@ -376,3 +376,54 @@ async def test_openai_sdk_parses_our_responses() -> None:
         models = await client.models.list()
         assert models.data[0].id == MODEL
         await client.close()
+
+
+class Burst(Scripted):
+    """Produces its whole script without yielding to the event loop: every token is queued at once."""
+
+    async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
+        self.calls.append((prompt, dict(values), request_id))
+        for item in self.script(0, dict(values)):
+            yield item
+
+
+async def test_queued_tokens_leave_in_one_write_with_the_same_events() -> None:
+    """Under load the SSE stream sends everything already queued as one body message (one socket write);
+    the events inside are exactly the per-token chunks a client would otherwise get one by one."""
+    pieces = [f"t{i} " for i in range(20)]
+    app = create_app(GatewaySettings(model_id=MODEL), backend=Burst(words(*pieces)))
+    body = json.dumps({"model": MODEL, "messages": USER, "stream": True}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("gw", 80),
+    }
+    messages: list[dict[str, Any]] = []
+    inbox = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if inbox:
+            return inbox.pop()
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 200
+    writes = [m["body"] for m in messages[1:] if m["type"] == "http.response.body" and m.get("body")]
+    events = sse_events(b"".join(writes).decode())
+    assert check_stream(events, 1, False) == {0: "".join(pieces)}
+    content_chunks = [e for e in events[:-1] if e["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) == len(pieces)  # one chunk per token, never merged deltas
+    assert len(writes) < len(pieces) // 2, f"{len(writes)} writes for {len(pieces)} queued tokens"

@@ -14,7 +14,15 @@ from gateway.sampling import UINT64_MOD, resolve_sampling
 from gateway.settings import GatewaySettings
 from gateway.sse import DONE, ChunkFactory, encode_event
 from gateway.stop_strings import StopMatcher
-from gateway.triton_stream import InputSpec, ModelSpec, TritonError, build_inputs, parse_result
+from gateway.triton_stream import (
+    ID_OUTPUTS,
+    InputSpec,
+    ModelSpec,
+    TritonError,
+    build_inputs,
+    parse_result,
+    requested_outputs,
+)
 from gateway.validation import ChatRequest
 
 SETTINGS = GatewaySettings(model_id="m", default_temperature=1.0, default_top_p=0.95, default_top_k=64)
@@ -167,6 +175,41 @@ def test_parse_result() -> None:
     )
     empty_final = parse_result(_result(None, None, None, True))
     assert (empty_final.text, empty_final.num_output_tokens, empty_final.final) == (b"", None, True)
+
+
+class _Table:
+    """A detokenizer over a tiny vocabulary (the real one is tested in test_gemma3_core)."""
+
+    def token_bytes(self, ids: Any) -> bytes:
+        return b"".join({7: b"caf", 8: b"\xc3", 9: b"\xa9"}[int(i)] for i in ids)
+
+
+@pytest.mark.parametrize("datatype, dtype", [("INT32", np.int32), ("INT64", np.int64)])
+def test_parse_result_reads_engine_ids_from_raw_tensors(datatype: str, dtype: Any) -> None:
+    """The gateway's direct engine stream: `output_ids` [1, 1, n] read without numpy, any int width."""
+    response = service_pb2.ModelInferResponse(model_name="tensorrt_llm")
+    for name, data in (
+        ("output_ids", np.array([[[7, 8, 9]]], dtype=dtype)),
+        ("num_input_tokens", np.array([[12]], dtype=dtype)),
+        ("num_output_tokens", np.array([[3]], dtype=dtype)),
+    ):
+        out = response.outputs.add(name=name, datatype=datatype)
+        out.shape.extend(data.shape)
+        response.raw_output_contents.append(data.tobytes())
+    parsed = parse_result(InferResult(response), _Table())
+    assert (parsed.text, parsed.num_input_tokens, parsed.num_output_tokens, parsed.final) == (
+        "café".encode(),
+        12,
+        3,
+        False,
+    )
+
+
+def test_requested_outputs_are_those_the_model_declares() -> None:
+    declared = frozenset({"output_ids", "sequence_length", "num_output_tokens", "cum_log_probs"})
+    names = [o.name() for o in requested_outputs(ID_OUTPUTS, declared) or []]
+    assert names == ["output_ids", "num_output_tokens"]
+    assert requested_outputs(ID_OUTPUTS, frozenset()) is None  # unknown config: ask for everything
 
 
 # --- stop strings --------------------------------------------------------------------------------------
