@@ -160,6 +160,7 @@ def stack(
     engine: str, work: Path, settings: dict[str, str], interval_us: int = 5000
 ) -> Iterator[tuple[str, int, str]]:
     """tritonserver + `python -m gateway`; yields (gateway URL, gateway pid, model id)."""
+    from build_engine import fast_double
     from build_engine.cpu import CpuArtifacts, cache_root, prepare, repository_values
     from build_engine.render import render, values_for
     from stack import gateway_process
@@ -171,7 +172,7 @@ def stack(
     target = "cpu-fast-double" if engine == "double" else "cpu"
     if engine == "double":
         # Paced so that a burst's streams overlap (on 2 cores the client itself spreads a burst out).
-        values |= {"fast_double_token_interval_us": str(interval_us), "fast_double_first_token_delay_us": "0"}
+        values |= fast_double.values(interval_us)
     repo = work / "model_repository"
     render(target, repo, values_for(target, values))
     ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())

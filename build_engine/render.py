@@ -105,7 +105,8 @@ def render(target: str, out_dir: Path, values: Mapping[str, str], *, dry_run: bo
         shutil.copytree(
             TEMPLATES_DIR / src_name,
             out_dir / dst_name,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "config.pbtxt"),
+            # native/: C++ sources, compiled into the version directory when used (build_engine/fast_double.py)
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "config.pbtxt", "native"),
         )
     for f in files:
         f.path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ prepared CPU artifacts (no model weights are loaded), so it runs in a few second
 from __future__ import annotations
 
 import queue
+import shutil
 import socket
 import sys
 import time
@@ -16,14 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from build_engine import fast_double
 from build_engine.cpu import CpuArtifacts, cache_root, repository_values
+from build_engine.fast_double import TOKEN_CYCLE, TOKEN_CYCLE_TEXT
 from build_engine.render import render, values_for
 
 pytestmark = pytest.mark.e2e
 
-# The double's fixed cycle (model_repository/tensorrt_llm_fast_double/1/model.py), decoded.
-CYCLE_TEXT = "Hello, world! café 日本語 naïve 🙂€ über— tokens\n".encode()
-CYCLE_LEN = 16
+CYCLE_TEXT = TOKEN_CYCLE_TEXT.encode()
+CYCLE_LEN = len(TOKEN_CYCLE)
 INTERVAL_US = 2000
 PROMPT = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
 
@@ -39,30 +41,11 @@ def _cycle_bytes(n: int) -> bytes:
     from gemma3_core.detokenize import ByteDetokenizer
     from gemma3_core.tokenizer import load_tokenizer
 
-    ids = [
-        9259,
-        236764,
-        1902,
-        236888,
-        33443,
-        33375,
-        238582,
-        120362,
-        57235,
-        464,
-        368,
-        410,
-        8046,
-        237028,
-        21739,
-        107,
-    ]
     tok = load_tokenizer(cache_root() / "hf" / "gemma-3-270m")
-    return ByteDetokenizer(tok).token_bytes([ids[i % CYCLE_LEN] for i in range(n)])
+    return ByteDetokenizer(tok).token_bytes([TOKEN_CYCLE[i % len(TOKEN_CYCLE)] for i in range(n)])
 
 
-@pytest.fixture(scope="module")
-def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def _serve(tmp_path_factory: pytest.TempPathFactory, implementation: str) -> Iterator[Any]:
     art = CpuArtifacts(cache_root())
     if not (art.tokenizer_dir / "tokenizer.json").exists():
         pytest.skip(f"CPU artifacts not prepared at {art.root} (run `python -m build_engine cpu`)")
@@ -70,11 +53,12 @@ def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     values = {
         **repository_values(art, max_batch_size=8, max_seq_len=256),
-        "fast_double_token_interval_us": str(INTERVAL_US),
-        "fast_double_first_token_delay_us": "0",
+        **fast_double.values(INTERVAL_US, implementation=implementation),
     }
-    repo = tmp_path_factory.mktemp("fast_double") / "model_repository"
+    repo = tmp_path_factory.mktemp(f"fast_double_{implementation}") / "model_repository"
     render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
+    if implementation == "native":
+        fast_double.build_native(repo / "tensorrt_llm")
     log = (repo.parent / "tritonserver.log").open("w")
     proc = start(
         repo,
@@ -88,6 +72,24 @@ def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         proc.stop()
         log.close()
         print(f"[test_fast_double] log: {repo.parent / 'tritonserver.log'}", file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    yield from _serve(tmp_path_factory, "python")
+
+
+@pytest.fixture(scope="module")
+def native_double_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The C++ implementation the benchmarks use (compiled here with g++)."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the native fast double (apt-get install g++)")
+    yield from _serve(tmp_path_factory, "native")
+
+
+@pytest.fixture(params=["python", "native"])
+def any_double(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue("double_server" if request.param == "python" else "native_double_server")
 
 
 def _stream(
@@ -152,9 +154,9 @@ def _count(results: list[Any], name: str) -> list[int]:
     return [int(r.as_numpy(name).reshape(-1)[0]) for r in results if r.as_numpy(name) is not None]
 
 
-def test_streaming_emits_the_cycle_one_token_per_response(double_server: Any) -> None:
+def test_streaming_emits_the_cycle_one_token_per_response(any_double: Any) -> None:
     n = 20  # > one cycle: the split '€' and the wrap-around are both covered
-    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(n, True))
+    results = _stream(any_double.grpc_url, "ensemble", _ensemble_inputs(n, True))
     assert not any(isinstance(r, Exception) for r in results), results
     with_output = [r for r in results if _count([r], "num_output_tokens")]
     assert _count(with_output, "num_output_tokens") == [1] * n
@@ -189,19 +191,19 @@ def test_end_id_stops_without_emitting_it_streaming(double_server: Any) -> None:
     assert sum(_count(results, "num_output_tokens")) == 3
 
 
-def test_paced_at_the_configured_interval(double_server: Any) -> None:
+def test_paced_at_the_configured_interval(any_double: Any) -> None:
     start = time.perf_counter()
-    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(25, True))
+    results = _stream(any_double.grpc_url, "ensemble", _ensemble_inputs(25, True))
     elapsed = time.perf_counter() - start
     assert sum(_count(results, "num_output_tokens")) == 25
     assert elapsed >= 24 * INTERVAL_US / 1e6  # an absolute schedule never runs early
 
 
-def test_cancellation_stops_generation(double_server: Any) -> None:
+def test_cancellation_stops_generation(any_double: Any) -> None:
     # A long request cancelled after a few tokens; the server must stay healthy and serve the next one.
-    results = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(200, True), cancel_after=3)
+    results = _stream(any_double.grpc_url, "ensemble", _ensemble_inputs(200, True), cancel_after=3)
     assert len(results) >= 3
-    follow = _stream(double_server.grpc_url, "ensemble", _ensemble_inputs(2, True))
+    follow = _stream(any_double.grpc_url, "ensemble", _ensemble_inputs(2, True))
     assert _text(follow) == _cycle_bytes(2)
 
 
@@ -223,3 +225,33 @@ def test_direct_engine_contract_and_errors(double_server: Any) -> None:
     bad = {**inputs, "request_output_len": np.array([[0]], dtype=np.int32)}
     errors = _stream(double_server.grpc_url, "tensorrt_llm", bad)
     assert isinstance(errors[-1], Exception) and "request_output_len" in str(errors[-1])
+
+
+def test_cycle_ids_are_the_documented_text() -> None:
+    assert _cycle_bytes(len(TOKEN_CYCLE)) == CYCLE_TEXT
+
+
+def test_native_double_streams_requested_outputs_and_refuses_clearly(native_double_server: Any) -> None:
+    url = native_double_server.grpc_url
+    inputs = {
+        "input_ids": np.array([[2, 9259, 1902]], dtype=np.int32),
+        "input_lengths": np.array([[3]], dtype=np.int32),
+        "request_output_len": np.array([[18]], dtype=np.int32),
+        "streaming": np.array([[True]], dtype=bool),
+    }
+    results = _stream(url, "tensorrt_llm", inputs)
+    assert not any(isinstance(r, Exception) for r in results), [str(r) for r in results]
+    ids = [
+        int(r.as_numpy("output_ids").reshape(-1)[0]) for r in results if r.as_numpy("output_ids") is not None
+    ]
+    assert ids == [TOKEN_CYCLE[i % len(TOKEN_CYCLE)] for i in range(18)]
+    assert set(_count(results, "num_input_tokens")) == {3}
+    assert results[-1].get_response().parameters["triton_final_response"].bool_param
+    for bad, needle in (
+        ({**inputs, "streaming": np.array([[False]], dtype=bool)}, "streaming"),
+        ({**inputs, "request_output_len": np.array([[0]], dtype=np.int32)}, "request_output_len"),
+    ):
+        errors = _stream(url, "tensorrt_llm", bad)
+        assert isinstance(errors[-1], Exception) and needle in str(errors[-1]), errors
+    follow = _stream(url, "ensemble", _ensemble_inputs(3, True))  # still serving after the refusals
+    assert _text(follow) == _cycle_bytes(3)

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import uvicorn
 
+from build_engine import fast_double
 from build_engine.cpu import CpuArtifacts, cache_root, repository_values
 from build_engine.render import render, values_for
 from gateway.app import create_app
@@ -100,8 +101,7 @@ def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
 
     values = {
         **repository_values(art, max_batch_size=64, max_seq_len=512),
-        "fast_double_token_interval_us": str(token_interval_us),
-        "fast_double_first_token_delay_us": "0",
+        **fast_double.values(token_interval_us),
     }
     repo = root / "model_repository"
     render("cpu-fast-double", repo, values_for("cpu-fast-double", values))

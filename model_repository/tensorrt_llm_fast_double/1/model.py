@@ -34,33 +34,29 @@ from gemma3_core.words import from_word_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-# "Hello, world! café 日本語 naïve 🙂€ über— tokens\n" in Gemma 3 ids (same vocabulary for 270M and 27B):
-# 464, 368, 410 are the byte-fallback pieces <0xE2><0x82><0xAC> of "€", so a character crosses responses.
-TOKEN_CYCLE: tuple[int, ...] = (
-    9259,
-    236764,
-    1902,
-    236888,
-    33443,
-    33375,
-    238582,
-    120362,
-    57235,
-    464,
-    368,
-    410,
-    8046,
-    237028,
-    21739,
-    107,
-)
+OUTPUTS = ("output_ids", "sequence_length", "num_input_tokens", "num_output_tokens")
 # is_cancelled() is an IPC round trip to tritonserver; polling it per token would bill the double's own
 # work to the server we are measuring, so it is polled at most this often per request.
 CANCEL_POLL_S = 0.05
 
-# Prebuilt per-token tensors: building numpy arrays per response would be the double's dominant cost.
-_TOKEN_ARRAYS = {t: np.array([[[t]]], dtype=np.int32) for t in TOKEN_CYCLE}
 _ONE = np.array([[1]], dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class _Cycle:
+    """The ids the double emits, in order (config parameter `token_cycle`, from build_engine/fast_double.py)."""
+
+    ids: tuple[int, ...]
+    # Prebuilt per-token tensors: building numpy arrays per response would be the double's dominant cost.
+    arrays: dict[int, np.ndarray]
+
+    @classmethod
+    def parse(cls, text: str) -> _Cycle:
+        ids = tuple(int(t) for t in text.split(","))
+        return cls(ids, {t: np.array([[[t]]], dtype=np.int32) for t in ids})
+
+    def at(self, pos: int) -> int:
+        return self.ids[pos % len(self.ids)]
 
 
 class DoubleRequestError(ValueError):
@@ -78,6 +74,8 @@ class _Stream:
     exclude_input: bool
     stop_words: list[list[int]]
     n_in: np.ndarray
+    outputs: tuple[str, ...]  # the requested outputs this double produces
+    cycle: _Cycle
     generated: list[int] = field(default_factory=list)
     pos: int = 0
     first_due: float = 0.0
@@ -161,19 +159,21 @@ def _send_error(st: _Stream, message: str) -> None:
 
 def _respond(st: _Stream, ids: list[int], final: bool) -> None:
     if st.streaming and len(ids) == 1:
-        out, length = _TOKEN_ARRAYS[ids[0]], _ONE
+        out, length = st.cycle.arrays[ids[0]], _ONE
         count = _ONE
     else:
         row = ids if st.streaming or st.exclude_input else [*st.prompt.tolist(), *ids]
         out = np.asarray(row, dtype=np.int32).reshape(1, 1, -1)
         length = np.array([[out.shape[-1]]], dtype=np.int32)
         count = np.array([[len(ids)]], dtype=np.int32)
-    tensors = [
-        pb_utils.Tensor("output_ids", out),
-        pb_utils.Tensor("sequence_length", length),
-        pb_utils.Tensor("num_input_tokens", st.n_in),
-        pb_utils.Tensor("num_output_tokens", count),
-    ]
+    values = {
+        "output_ids": out,
+        "sequence_length": length,
+        "num_input_tokens": st.n_in,
+        "num_output_tokens": count,
+    }
+    # Only what the client asked for (Triton drops the rest anyway, after paying to carry it here).
+    tensors = [pb_utils.Tensor(name, values[name]) for name in st.outputs]
     st.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
 
 
@@ -185,14 +185,14 @@ def _step(st: _Stream, now: float) -> bool:
             with contextlib.suppress(Exception):  # a cancelled request may refuse responses
                 _respond(st, [], True)
             return True
-    token = TOKEN_CYCLE[st.pos % len(TOKEN_CYCLE)]
+    token = st.cycle.at(st.pos)
     st.pos += 1
     if token == st.end_id:
         if len(st.generated) >= st.min_tokens:
             # end_id ends generation and is not emitted (TensorRT-LLM); streaming sends an empty final.
             _respond(st, [] if st.streaming else st.generated, True)
             return True
-        token = TOKEN_CYCLE[st.pos % len(TOKEN_CYCLE)]  # min_tokens bans end_id: take the next id
+        token = st.cycle.at(st.pos)  # min_tokens bans end_id: take the next id
         st.pos += 1
     st.generated.append(token)
     gen = st.generated
@@ -212,6 +212,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.max_seq_len = int(param(config, "max_seq_len"))
         self.vocab_size = int(param(config, "engine_vocab_size"))
+        self.cycle = _Cycle.parse(param(config, "token_cycle"))
         interval_s = float(param(config, "token_interval_us", "0")) / 1e6
         delay_s = float(param(config, "first_token_delay_us", "0")) / 1e6
         self.pacer = _Pacer(interval_s, delay_s, int(param(config, "max_active_requests", "8")))
@@ -257,4 +258,6 @@ class TritonPythonModel:
             exclude_input=bool(optional_scalar(request, "exclude_input_in_output", False)),
             stop_words=from_word_list(stop) if stop is not None and stop.size else [],
             n_in=np.array([[ids.size]], dtype=np.int32),
+            outputs=tuple(n for n in OUTPUTS if n in set(request.requested_output_names())),
+            cycle=self.cycle,
         )
