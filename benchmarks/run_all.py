@@ -11,10 +11,12 @@ into the runtime. perf_analyzer also needs Debian's `libb64-0d`.
 
 Phases (each starts its own tritonserver and gateway, on private ports):
 1. fast test double paced like a GPU engine (10 ms/token): perf_analyzer on the ensemble (gRPC streaming)
-   and on the gateway (OpenAI SSE) at concurrency 1, 8, 32, with per-process CPU accounting;
+   and on the gateway (OpenAI SSE) at concurrency 1, 8, 32, with per-process CPU accounting, plus the
+   Python gRPC floor at 32 (benchmarks/grpc_floor.py: a bare client with the gateway's gRPC stack);
 2. the double unpaced (as fast as it can send) at concurrency 32: the per-token CPU cost of each component,
-   plus two calibration paths -- perf_analyzer straight to `tensorrt_llm`, and `ensemble_ids` (the ensemble
-   without postprocessing, rendered only here) -- which isolate the engine double and the detokenizer step;
+   plus three calibration paths -- perf_analyzer straight to `tensorrt_llm`, the Python gRPC floor, and
+   `ensemble_ids` (the ensemble without postprocessing, rendered only here) -- which isolate the engine
+   double, the cost of receiving a token in Python at all, and the detokenizer step;
 3. the real Gemma 3 270M reference engine: ensemble and gateway at concurrency 1 and 8;
 4. transformers generate on the same checkpoint and prompts (the floor), with no server running.
 """
@@ -177,6 +179,14 @@ def serve(repo: Path, name: str, tokenizer_dir: str, engine_threads: int) -> Ite
 # --- one load point -----------------------------------------------------------------------------------
 
 
+def per_token(cpu: dict[str, float], tokens: int) -> dict[str, float | None]:
+    """CPU seconds per process label -> µs per delivered token per component (model instances summed)."""
+    totals: dict[str, float] = {}
+    for label, seconds in cpu.items():
+        totals[component(label)] = totals.get(component(label), 0.0) + seconds
+    return {k: round(v / tokens * 1e6, 1) if tokens else None for k, v in totals.items()}
+
+
 def measure(
     pa: loads.PerfAnalyzer,
     stack: Stack,
@@ -190,6 +200,8 @@ def measure(
 ) -> dict[str, Any]:
     """Run one perf_analyzer point and return its latency/throughput summary plus CPU µs per token."""
     group = stack.processes()
+    if path == "grpc_floor":
+        return measure_floor(stack, concurrency, requests, max_tokens, prompts, name)
     if path == "gateway":
         data = loads.openai_input_data(MESSAGES, MODEL_ID, max_tokens)
         kind, url, model = "openai", stack.gateway_url.removeprefix("http://"), MODEL_ID
@@ -218,13 +230,7 @@ def measure(
     cpu = delta(before, group.snapshot())
     stats = loads.parse_openai(export) if kind == "openai" else loads.parse_triton(export)
     summary = stats.summary()
-    per_token: dict[str, float] = {}
-    for label, seconds in cpu.items():
-        key = component(label)
-        per_token[key] = per_token.get(key, 0.0) + seconds
-    summary["cpu_us_per_token"] = {
-        k: round(v / stats.tokens * 1e6, 1) if stats.tokens else None for k, v in per_token.items()
-    }
+    summary["cpu_us_per_token"] = per_token(cpu, stats.tokens)
     summary["perf_analyzer_cpu_us_per_token"] = round(pa_cpu / stats.tokens * 1e6, 1) if stats.tokens else 0
     summary.update(path=path, concurrency=concurrency, max_tokens=max_tokens)
     log(
@@ -233,6 +239,43 @@ def measure(
     )
     if stats.errors:
         log(f"{name}: {stats.errors} requests without output")
+    return summary
+
+
+def measure_floor(
+    stack: Stack, concurrency: int, requests: int, max_tokens: int, prompts: list[str], name: str
+) -> dict[str, Any]:
+    """benchmarks/grpc_floor.py on the engine: a bare Python gRPC client's CPU per token (its own column)."""
+    from gemma3_core.tokenizer import encode, load_tokenizer
+
+    tok = load_tokenizer(stack.tokenizer_dir)
+    data_file = WORK / "pa" / f"{name}.input.json"
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    data_file.write_text(json.dumps(loads.engine_input_data([encode(tok, p) for p in prompts], max_tokens)))
+    group = stack.processes()
+    loads.wait_idle(0.3)
+    before = group.snapshot()
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.grpc_floor", "--url", stack.triton.grpc_url),
+            *("--input-data", str(data_file), "--concurrency", str(concurrency), "--requests", str(requests)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"grpc_floor {name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    loads.wait_idle(0.5)
+    cpu = delta(before, group.snapshot())
+    floor = json.loads(out.stdout.strip().splitlines()[-1])
+    stats = loads.RunStats(requests=requests, tokens=floor["tokens"], wall_s=floor["wall_s"])
+    summary = stats.summary()
+    summary["cpu_us_per_token"] = per_token(cpu, stats.tokens)
+    summary["client_cpu_us_per_token"] = round(floor["cpu_s"] / stats.tokens * 1e6, 1)
+    summary.update(path="grpc_floor", concurrency=concurrency, max_tokens=max_tokens)
+    log(f"{name}: {stats.tokens} tok, client CPU {summary['client_cpu_us_per_token']} µs/tok")
     return summary
 
 
@@ -253,57 +296,75 @@ def warm(pa: loads.PerfAnalyzer, stack: Stack, prompts: list[str], max_tokens: i
 # --- phases -------------------------------------------------------------------------------------------
 
 
-def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
-    runs: list[dict[str, Any]] = []
-    interval = str(cfg.fd_interval_us)
-    pacing = {"fast_double_token_interval_us": interval, "fast_double_first_token_delay_us": interval}
+def double_repo(name: str, interval_us: int, implementation: str) -> Path:
+    """A `cpu-fast-double` repository (first token after one interval), native double compiled in."""
+    from build_engine import fast_double
+
+    values = fast_double.values(interval_us, interval_us, implementation)
     repo = render_repo(
-        "cpu-fast-double", WORK / "repo-fd-paced" / "model_repository", pacing, max_batch_size=64
+        "cpu-fast-double", WORK / f"repo-{name}" / "model_repository", values, max_batch_size=64
     )
-    log(f"phase 1: fast double paced at {cfg.fd_interval_us} µs/token")
+    if implementation == "native":
+        fast_double.build_native(repo / "tensorrt_llm")
+    return repo
+
+
+def double_implementation() -> str:
+    """The native double when a compiler is there (it is what the targets mean), else the Python one."""
+    return "native" if shutil.which(os.environ.get("CXX", "g++")) else "python"
+
+
+def measure_paths(
+    pa: loads.PerfAnalyzer, stack: Stack, cfg: Config, prompts: list[str], prefix: str, points: Any
+) -> list[dict[str, Any]]:
+    """One perf point per (path, concurrency, requests), fast double max_tokens, named `prefix-path-cN`."""
+    return [
+        measure(
+            pa,
+            stack,
+            path=path,
+            concurrency=conc,
+            requests=n,
+            max_tokens=cfg.fd_tokens,
+            prompts=prompts,
+            name=f"{prefix}-{path}-c{conc}",
+        )
+        for path, conc, n in points
+    ]
+
+
+def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
+    impl = double_implementation()
+    cfg.results["fast_double_implementation"] = impl
+    repo = double_repo("fd-paced", cfg.fd_interval_us, impl)
+    log(f"phase 1: {impl} fast double paced at {cfg.fd_interval_us} µs/token")
     with serve(repo, "fd-paced", tokenizer_dir, cfg.engine_threads) as stack:
         warm(pa, stack, prompts, 16)
-        for conc, n in ((1, cfg.c1_requests), (8, cfg.c8_requests), (32, cfg.c32_requests)):
-            for path in ("ensemble", "gateway"):
-                runs.append(
-                    measure(
-                        pa,
-                        stack,
-                        path=path,
-                        concurrency=conc,
-                        requests=n,
-                        max_tokens=cfg.fd_tokens,
-                        prompts=prompts,
-                        name=f"fd-paced-{path}-c{conc}",
-                    )
-                )
+        points = [
+            (path, conc, n)
+            for conc, n in ((1, cfg.c1_requests), (8, cfg.c8_requests), (32, cfg.c32_requests))
+            for path in (("ensemble", "gateway", "grpc_floor") if conc == 32 else ("ensemble", "gateway"))
+        ]
+        runs = measure_paths(pa, stack, cfg, prompts, "fd-paced", points)
     cfg.results["fast_double_paced"] = {"interval_us": cfg.fd_interval_us, "runs": runs}
 
-    runs = []
-    repo = render_repo(
-        "cpu-fast-double",
-        WORK / "repo-fd-max" / "model_repository",
-        {"fast_double_token_interval_us": "0", "fast_double_first_token_delay_us": "0"},
-        max_batch_size=64,
-    )
+    repo = double_repo("fd-max", 0, impl)
     add_ids_ensemble(repo)
-    log("phase 2: fast double unpaced (CPU cost per token at saturation)")
+    log(f"phase 2: {impl} fast double unpaced (CPU cost per token at saturation)")
     with serve(repo, "fd-max", tokenizer_dir, cfg.engine_threads) as stack:
         warm(pa, stack, prompts, 16)
-        for path in ("engine", "ensemble_ids", "ensemble", "gateway"):
-            runs.append(
-                measure(
-                    pa,
-                    stack,
-                    path=path,
-                    concurrency=32,
-                    requests=cfg.c32_requests,
-                    max_tokens=cfg.fd_tokens,
-                    prompts=prompts,
-                    name=f"fd-max-{path}-c32",
-                )
-            )
+        paths = ("engine", "grpc_floor", "ensemble_ids", "ensemble", "gateway")
+        runs = measure_paths(pa, stack, cfg, prompts, "fd-max", [(p, 32, cfg.c32_requests) for p in paths])
     cfg.results["fast_double_max"] = {"interval_us": 0, "runs": runs}
+
+    if impl == "native":  # the Python double on the same load: what its IPC hop adds to tritonserver
+        repo = double_repo("fd-max-py", 0, "python")
+        log("phase 2b: Python fast double unpaced (calibration of the Python backend's per-response cost)")
+        with serve(repo, "fd-max-py", tokenizer_dir, cfg.engine_threads) as stack:
+            warm(pa, stack, prompts, 16)
+            points = [(p, 32, cfg.c32_requests) for p in ("engine", "gateway")]
+            runs = measure_paths(pa, stack, cfg, prompts, "fd-max-py", points)
+        cfg.results["fast_double_max_python"] = {"interval_us": 0, "runs": runs}
 
 
 def phase_real(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
