@@ -19,12 +19,14 @@ help:
 	@echo "make bench   - benchmarks (writes docs/benchmarks.md)"
 	@echo "make lint    - ruff"
 
-# Debian packages the stack needs; installed when missing and we are root (CI, containers).
+# Debian packages the stack needs; installed when missing and we are root (CI, containers). g++ builds the
+# native engine test double (benchmarks and its tests; build_engine/fast_double.py).
 system-deps:
 	@missing=""; \
 	[ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || [ -e /usr/local/lib/libpython3.11.so.1.0 ] || missing="$$missing libpython3.11"; \
 	$(PYTHON_SYS) -c "import ensurepip, venv" 2>/dev/null || missing="$$missing python3.11-venv"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || echo "warning: apt-get failed for$$missing"; \

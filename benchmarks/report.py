@@ -76,7 +76,8 @@ def run_table(runs: list[dict[str, Any]]) -> list[str]:
             f"{fmt(r['ttft_p50_ms'], 2)} / {fmt(r['ttft_p95_ms'], 2)}",
             f"{fmt(r['itl_p50_ms'], 2)} / {fmt(r['itl_p95_ms'], 2)}",
             *(fmt(cpu(r, k)) for k in ("gateway", "tritonserver", "preprocessing", "postprocessing")),
-            fmt(cpu(r, "tensorrt_llm")),
+            # The native double has no process of its own (it runs inside tritonserver).
+            fmt(cpu(r, "tensorrt_llm")) if "tensorrt_llm" in r.get("cpu_us_per_token", {}) else "in triton",
             fmt(r.get("client_cpu_us_per_token", r.get("perf_analyzer_cpu_us_per_token"))),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -94,7 +95,8 @@ def plot_cpu(paced: list[dict[str, Any]], sat: list[dict[str, Any]], out: Path) 
     bottom = [0.0] * len(bars)
     for comp in COMPONENTS:
         vals = [cpu(r, comp) for _, r in bars]
-        ax.bar(x, vals, bottom=bottom, label=comp, color=COLORS[comp])
+        label = "bare Python gRPC client (grpc_floor)" if comp == "client" else comp
+        ax.bar(x, vals, bottom=bottom, label=label, color=COLORS[comp])
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.axhline(60, color="black", linestyle="--", linewidth=1, label="target: 60 µs (all but engine)")
     # grpc_floor bars: tritonserver + the bare client = what streaming a token into Python costs at all.
@@ -374,8 +376,10 @@ FINDINGS = [
     "gateway reads; one timer per request replaces `wait_for`; content chunks are pre-encoded around the "
     "JSON-escaped delta; metric children are bound once; everything already queued for a stream goes out "
     "as one write (under load several tokens share a syscall; each is still its own SSE chunk, "
-    "`tests/test_gateway_chat.py`). Together with item 2 the gateway went from ≈130 to ≈70-75 µs/token "
-    "unpaced in development runs on this machine (same native double).",
+    "`tests/test_gateway_chat.py`). Together with item 2, on the unpaced Python double the gateway went "
+    "from 129 µs/token (the previous `make bench`, 2026-11-25 01:05) to ≈100 (the Python-double table), "
+    "and from 208 to 160-180 paced (development runs); with the native double it is ≈75 unpaced (tokens "
+    "arrive faster, so more of them share a write).",
     "4. **What is left in the gateway** (py-spy `--gil`, paced 32 streams): ≈27 % of its GIL time is the "
     "socket write of each SSE chunk (on loopback the kernel's delivery to the client is billed to the "
     "writer), ≈15 % the gRPC read and protobuf decode, the rest Python spread thin (Starlette's send "
