@@ -185,8 +185,9 @@ class Generation:
         return None if self.queue.empty() else self._account(self.queue.get_nowait())
 
     def _account(self, event: Event) -> Event:
-        if event[0] == "timeout":
-            raise APIError(504, "The request exceeded the gateway's timeout", type=TIMEOUT, code="timeout")
+        if event[0] == "timeout":  # reported like any other failure: a 504, or an error event mid-stream
+            error = APIError(504, "The request exceeded the gateway's timeout", type=TIMEOUT, code="timeout")
+            return ("error", -1, error)
         if event[0] == "finish":
             self.unfinished -= 1
             self.metrics.finished.labels(self.metrics.model, event[2]).inc()
@@ -245,27 +246,15 @@ class Generation:
         parsers = {c.index: self.ctx.tools.new_parser() for c in self.choices}
         try:
             out = [factory.role(choice.index) for choice in self.choices]
-            event: Event | None = first
-            ended = False
-            while not ended:
-                # Everything already queued goes out as one write: under load, one syscall per batch.
-                while event is not None and not ended:
-                    ended = self._encode(event, factory, parsers, out)
-                    if not ended:
-                        try:
-                            event = self.ready_event()
-                        except APIError as exc:
-                            out.append(sse.error_event(exc.body()))
-                            ended = True
-                if ended:
-                    break
-                yield b"".join(out)
+            event = first
+            while not self._encode(event, factory, parsers, out):
+                queued = self.ready_event()
+                if queued is not None:
+                    event = queued
+                    continue
+                yield b"".join(out)  # everything already queued leaves as one write (one syscall)
                 out.clear()
-                try:
-                    event = await self.next_event()
-                except APIError as exc:
-                    out.append(sse.error_event(exc.body()))
-                    break
+                event = await self.next_event()
             if not self.unfinished and factory.include_usage:
                 out.append(factory.usage(self.usage()))
             self.done = True
@@ -279,7 +268,7 @@ class Generation:
     ) -> bool:
         """Append the SSE chunks of one event; True when the stream ends with it."""
         kind, index, payload = event
-        parser = parsers[index]
+        parser = parsers.get(index)
         if kind == "delta" and parser is None:
             out.append(factory.content(index, payload))
         elif kind == "delta":
