@@ -315,9 +315,9 @@ def double_implementation() -> str:
 
 
 def measure_paths(
-    pa: loads.PerfAnalyzer, stack: Stack, cfg: Config, prompts: list[str], prefix: str, points: Any
+    pa: loads.PerfAnalyzer, stack: Stack, max_tokens: int, prompts: list[str], prefix: str, points: Any
 ) -> list[dict[str, Any]]:
-    """One perf point per (path, concurrency, requests), fast double max_tokens, named `prefix-path-cN`."""
+    """One perf point per (path, concurrency, requests), named `prefix-path-cN`."""
     return [
         measure(
             pa,
@@ -325,7 +325,7 @@ def measure_paths(
             path=path,
             concurrency=conc,
             requests=n,
-            max_tokens=cfg.fd_tokens,
+            max_tokens=max_tokens,
             prompts=prompts,
             name=f"{prefix}-{path}-c{conc}",
         )
@@ -345,7 +345,7 @@ def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], t
             for conc, n in ((1, cfg.c1_requests), (8, cfg.c8_requests), (32, cfg.c32_requests))
             for path in (("ensemble", "gateway", "grpc_floor") if conc == 32 else ("ensemble", "gateway"))
         ]
-        runs = measure_paths(pa, stack, cfg, prompts, "fd-paced", points)
+        runs = measure_paths(pa, stack, cfg.fd_tokens, prompts, "fd-paced", points)
     cfg.results["fast_double_paced"] = {"interval_us": cfg.fd_interval_us, "runs": runs}
 
     repo = double_repo("fd-max", 0, impl)
@@ -354,7 +354,9 @@ def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], t
     with serve(repo, "fd-max", tokenizer_dir, cfg.engine_threads) as stack:
         warm(pa, stack, prompts, 16)
         paths = ("engine", "grpc_floor", "ensemble_ids", "ensemble", "gateway")
-        runs = measure_paths(pa, stack, cfg, prompts, "fd-max", [(p, 32, cfg.c32_requests) for p in paths])
+        runs = measure_paths(
+            pa, stack, cfg.fd_tokens, prompts, "fd-max", [(p, 32, cfg.c32_requests) for p in paths]
+        )
     cfg.results["fast_double_max"] = {"interval_us": 0, "runs": runs}
 
     if impl == "native":  # the Python double on the same load: what its IPC hop adds to tritonserver
@@ -363,30 +365,21 @@ def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], t
         with serve(repo, "fd-max-py", tokenizer_dir, cfg.engine_threads) as stack:
             warm(pa, stack, prompts, 16)
             points = [(p, 32, cfg.c32_requests) for p in ("engine", "gateway")]
-            runs = measure_paths(pa, stack, cfg, prompts, "fd-max-py", points)
+            runs = measure_paths(pa, stack, cfg.fd_tokens, prompts, "fd-max-py", points)
         cfg.results["fast_double_max_python"] = {"interval_us": 0, "runs": runs}
 
 
 def phase_real(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
-    runs: list[dict[str, Any]] = []
     repo = render_repo("cpu", WORK / "repo-real" / "model_repository", {}, max_batch_size=8)
     log("phase 3: real Gemma 3 270M reference engine")
     with serve(repo, "real", tokenizer_dir, cfg.engine_threads) as stack:
         warm(pa, stack, prompts, 8)
-        for conc, n in ((1, cfg.real_c1_requests), (8, cfg.real_c8_requests)):
-            for path in ("ensemble", "gateway"):
-                runs.append(
-                    measure(
-                        pa,
-                        stack,
-                        path=path,
-                        concurrency=conc,
-                        requests=n,
-                        max_tokens=cfg.real_tokens,
-                        prompts=prompts,
-                        name=f"real-{path}-c{conc}",
-                    )
-                )
+        points = [
+            (path, conc, n)
+            for conc, n in ((1, cfg.real_c1_requests), (8, cfg.real_c8_requests))
+            for path in ("ensemble", "gateway")
+        ]
+        runs = measure_paths(pa, stack, cfg.real_tokens, prompts, "real", points)
     cfg.results["real"] = {"runs": runs}
 
 

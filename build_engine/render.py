@@ -105,7 +105,7 @@ def render(target: str, out_dir: Path, values: Mapping[str, str], *, dry_run: bo
         shutil.copytree(
             TEMPLATES_DIR / src_name,
             out_dir / dst_name,
-            # native/: C++ sources, compiled into the version directory when used (build_engine/fast_double.py)
+            # native/: C++ sources; build_engine/fast_double.py compiles them into the version directory
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "config.pbtxt", "native"),
         )
     for f in files:

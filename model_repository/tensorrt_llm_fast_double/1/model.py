@@ -44,7 +44,7 @@ _ONE = np.array([[1]], dtype=np.int32)
 
 @dataclass(frozen=True)
 class _Cycle:
-    """The ids the double emits, in order (config parameter `token_cycle`, from build_engine/fast_double.py)."""
+    """The ids the double emits, in order (config `token_cycle`, from build_engine/fast_double.py)."""
 
     ids: tuple[int, ...]
     # Prebuilt per-token tensors: building numpy arrays per response would be the double's dominant cost.
