@@ -24,19 +24,29 @@ class StopMatcher:
         if not self._stops:
             return text
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        keep = self._partial_suffix(buffer)
+        cut = self._first_stop(buffer)
+        # A stop found, unless a longer one that starts earlier may still complete (stops "a" and " aa" on
+        # " a"): then wait for more text, so the cut is where the whole text's earliest stop starts,
+        # whatever the chunking.
+        if cut >= 0 and (keep == 0 or len(buffer) - keep >= cut):
             self.stopped = True
             self._held = ""
             return buffer[:cut]
-        keep = self._partial_suffix(buffer)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep]
 
     def flush(self) -> str:
-        """The held-back tail at the end of generation (it never became a stop string)."""
+        """The held-back tail at the end of generation, cut at a stop string it holds."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        cut = self._first_stop(held)
+        self.stopped = cut >= 0
+        return held[:cut] if cut >= 0 else held
+
+    def _first_stop(self, buffer: str) -> int:
+        return min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
 
     def _partial_suffix(self, buffer: str) -> int:
         # Longest buffer suffix that is a proper prefix of some stop string.
