@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 from jsonschema import Draft7Validator
 from jsonschema.exceptions import ValidationError, best_match
 
@@ -34,6 +35,15 @@ def _validator() -> Draft7Validator:
     # No format checker: `format: uri` stays an annotation (data: URLs and odd-but-valid URLs are the
     # image fetcher's business, not the schema's).
     return Draft7Validator(load_schema())
+
+
+@functools.cache
+def _fast_validator() -> jsonschema_rs.Validator:
+    """The same schema in Rust (jsonschema-rs): about 0.5 µs per valid request against 100-300 µs in Python,
+    which is most of a request's validation cost under a burst. It only ever says "valid": whatever it
+    rejects goes to the Python validator above, which decides and words the error, so its stricter corners
+    (formats, `$` before a trailing newline) cannot turn away a request the reference accepts."""
+    return jsonschema_rs.validator_for(load_schema(), validate_formats=False)
 
 
 def param_path(path: Iterable[str | int]) -> str | None:
@@ -102,6 +112,11 @@ def _is_small(value: Any) -> bool:
 
 def schema_error(body: Any) -> APIError | None:
     """The most relevant schema violation of `body`, or None when it conforms."""
+    try:
+        if _fast_validator().is_valid(body):
+            return None
+    except ValueError:  # what Rust cannot take (lone surrogates): the reference decides
+        pass
     error = best_match(_validator().iter_errors(body))
     if error is None:
         return None

@@ -16,7 +16,7 @@ from gateway.errors import APIError
 from gateway.prompt import render_prompt
 from gateway.settings import GatewaySettings
 from gateway.stop_strings import StopMatcher
-from gateway.validation import parse_chat_request
+from gateway.validation import _fast_validator, _validator, load_schema, parse_chat_request
 
 SETTINGS = GatewaySettings(model_id="m", model_aliases=[])
 JSON = st.recursive(
@@ -113,3 +113,25 @@ def test_request_parser_on_raw_bytes(raw: bytes) -> None:
         parse_chat_request(raw, SETTINGS)
     except APIError as exc:
         assert 400 <= exc.status < 500
+
+
+# Near-valid chat bodies: known fields with values that are sometimes right, sometimes not.
+_FIELDS = sorted(set(load_schema()["properties"]) - {"model", "messages"})
+_VALUE = JSON | st.sampled_from(["user", "assistant", "tool", "auto", "none", "json_object", "a\n", ""])
+_MESSAGE = st.dictionaries(
+    st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id", "type", "text"]),
+    _VALUE,
+    max_size=4,
+)
+_BODY = st.fixed_dictionaries(
+    {"model": st.text(max_size=5), "messages": st.lists(_MESSAGE | _VALUE, max_size=3)},
+    optional={f: _VALUE for f in _FIELDS},
+)
+
+
+@settings(max_examples=400)
+@given(_BODY | JSON)
+def test_fast_validator_never_accepts_what_the_reference_rejects(body: Any) -> None:
+    """The Rust fast path only says "valid": it must never pass a body the reference (jsonschema) rejects."""
+    if _fast_validator().is_valid(body):
+        assert _validator().is_valid(body), body
