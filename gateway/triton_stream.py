@@ -423,13 +423,15 @@ class TritonStreamClient:
             await finished.wait()
 
         stream = self._client.stream_infer(requests(), stream_timeout=self.request_timeout_s)
+        complete = False  # Triton sent the final response: nothing left to cancel
         try:
             async for result, error in stream:
                 if error is not None:
                     raise _server_error(error, self.url)
                 response = parse_result(result, detokenizer)
+                complete = response.final
                 yield response
-                if response.final:
+                if complete:
                     return
             raise TritonError("engine", "Triton closed the stream before the final response")
         except grpc.aio.AioRpcError as exc:
@@ -438,8 +440,12 @@ class TritonStreamClient:
                 self._spec = None  # Triton may come back with another config
             raise err from None
         finally:
+            # Ending our request side closes a completed stream cleanly. Cancelling is for a request still
+            # running (Triton then cancels it); on a completed one it would cost a CANCELLED round and a
+            # traceback that grpc formats for its debug log whatever the log level (≈4 % of a burst's CPU).
             finished.set()
-            stream.cancel()  # no-op after a normal end; otherwise Triton cancels the request
+            if not complete:
+                stream.cancel()
 
     async def _run_pre_steps(
         self, plan: EnginePlan, spec: ModelSpec, prompt: str, values: Mapping[str, Any], request_id: str
