@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -100,12 +99,6 @@ def ensure_bench_env() -> loads.PerfAnalyzer:
 # --- servers ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def render_repo(target: str, out: Path, extra: dict[str, str], max_batch_size: int) -> Path:
     from build_engine.cpu import prepare, repository_values
     from build_engine.render import render, values_for
@@ -146,13 +139,13 @@ class Stack:
 def serve(repo: Path, name: str, tokenizer_dir: str, engine_threads: int) -> Iterator[Stack]:
     from stack import gateway_process
     from stack.gateway_process import gateway_env
-    from stack.triton_launcher import TritonPorts, start
+    from stack.triton_launcher import TritonPorts, free_port, start
 
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     triton_log = (logs / f"{name}.tritonserver.log").open("w")
     os.environ["REFERENCE_ENGINE_THREADS"] = str(engine_threads)
-    ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+    ports = TritonPorts.free()
     triton = start(
         repo,
         ports=ports,

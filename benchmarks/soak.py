@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -33,12 +32,6 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:
@@ -165,7 +158,7 @@ def stack(
     from build_engine.render import render, values_for
     from stack import gateway_process
     from stack.gateway_process import gateway_env
-    from stack.triton_launcher import TritonPorts, start
+    from stack.triton_launcher import TritonPorts, free_port, start
 
     art = prepare(cache_root()) if engine == "real" else CpuArtifacts(cache_root())
     values = repository_values(art, max_batch_size=64 if engine == "double" else 8, max_seq_len=1024)
@@ -175,7 +168,7 @@ def stack(
         values |= fast_double.values(interval_us)
     repo = work / "model_repository"
     render(target, repo, values_for(target, values))
-    ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+    ports = TritonPorts.free()
     triton = start(repo, ports=ports)
     try:
         triton.wait_ready(600)

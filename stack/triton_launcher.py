@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -128,11 +129,23 @@ def prepare_backends(dist: TritonDist, workdir: Path) -> Path:
     return backends
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class TritonPorts:
     grpc: int = 8001
     http: int = 8000
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        """Three ports nobody listens on now (tests and benchmarks run servers side by side)."""
+        return cls(grpc=free_port(), http=free_port(), metrics=free_port())
 
     @classmethod
     def from_env(cls) -> TritonPorts:

@@ -26,7 +26,8 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures.gateway import GatewayTarget, free_port, gateway_env, run_gateway
+from stack.triton_launcher import free_port
+from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from gateway.triton_stream import TritonResponse
-from tests.fixtures.gateway import GatewayTarget, free_port, gateway_env, run_gateway
+from stack.triton_launcher import free_port
+from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -28,12 +27,6 @@ CYCLE_TEXT = TOKEN_CYCLE_TEXT.encode()
 CYCLE_LEN = len(TOKEN_CYCLE)
 INTERVAL_US = 2000
 PROMPT = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cycle_bytes(n: int) -> bytes:
@@ -62,7 +55,7 @@ def _serve(tmp_path_factory: pytest.TempPathFactory, implementation: str) -> Ite
     log = (repo.parent / "tritonserver.log").open("w")
     proc = start(
         repo,
-        ports=TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port()),
+        ports=TritonPorts.free(),
         log_sink=lambda line: None if log.closed else (log.write(line + "\n"), log.flush()),
     )
     try:

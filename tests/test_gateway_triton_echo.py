@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -94,12 +93,6 @@ class TritonPythonModel:
 PIECE = "Echo é€😀 ".encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class EchoTriton:
     def __init__(self, root: Path) -> None:
         self.repo = root / "repo"
@@ -110,7 +103,7 @@ class EchoTriton:
         from stack import triton_launcher
 
         self.launcher = triton_launcher
-        self.ports = triton_launcher.TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+        self.ports = triton_launcher.TritonPorts.free()
         self.process: Any = None
 
     @property

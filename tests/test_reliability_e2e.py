@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -37,12 +36,6 @@ MODEL = "gemma-3-270m"
 CLIENTS = 64
 MAX_CONCURRENT = 24
 MAX_QUEUED = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -105,7 +98,7 @@ def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
     }
     repo = root / "model_repository"
     render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
-    server = DoubleTriton(repo, TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port()))
+    server = DoubleTriton(repo, TritonPorts.free())
     try:
         server.start()
     except LauncherError as exc:
