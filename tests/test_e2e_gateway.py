@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from stack.triton_launcher import free_port
-from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.gateway import CARD_MULTIMODAL, GatewayTarget, gateway_env, run_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -210,21 +210,7 @@ def test_model_card_curl_example(gateway: GatewayTarget) -> None:
 def test_model_card_multimodal_example_is_not_a_server_error(
     gateway: GatewayTarget, http: httpx.Client
 ) -> None:
-    body = {
-        "stream": True,
-        "model": gateway.model,
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "What is in this image?"},
-                    {"type": "image_url", "image_url": {"url": "https://example.com/image.jpg"}},
-                ],
-            },
-        ],
-        "max_tokens": 8,
-    }
+    body = {**CARD_MULTIMODAL, "model": gateway.model, "max_tokens": 8}
     response = http.post("/v1/chat/completions", json=body)
     # Images may be disabled (400) or the URL unreachable from this machine (4xx); never a 5xx.
     if response.status_code == 200:

@@ -27,7 +27,7 @@ import openai
 import pytest
 
 from stack.triton_launcher import free_port
-from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.gateway import CARD_MULTIMODAL, GatewayTarget, gateway_env, run_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -340,21 +340,6 @@ def test_too_many_images(gateway: GatewayTarget, http: httpx.Client) -> None:
 
 
 # --- the model card's multimodal example -------------------------------------------------------------------
-CARD_MULTIMODAL = {
-    "stream": True,
-    "messages": [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "What is in this image?"},
-                {"type": "image_url", "image_url": {"url": "https://example.com/image.jpg"}},
-            ],
-        },
-    ],
-}
-
-
 def test_model_card_multimodal_example_with_data_url(gateway: GatewayTarget, tmp_path: Path) -> None:
     curl = shutil.which("curl")
     if curl is None:
