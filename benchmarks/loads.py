@@ -46,6 +46,21 @@ class RunStats:
     ttft_ms: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    first_sent_ns: int | None = None  # the run's span, for wall_s
+    last_output_ns: int | None = None
+
+    def add(self, sent_ns: int, output_ns: Sequence[int], tokens: int) -> None:
+        """One request: when it was sent, when its responses with output arrived, tokens delivered."""
+        if not output_ns:
+            self.errors += 1
+            return
+        self.tokens += tokens
+        self.ttft_ms.append((output_ns[0] - sent_ns) / 1e6)
+        if tokens > 1:
+            self.itl_ms.append((output_ns[-1] - output_ns[0]) / 1e6 / (tokens - 1))
+        self.first_sent_ns = min(sent_ns, self.first_sent_ns or sent_ns)
+        self.last_output_ns = max(output_ns[-1], self.last_output_ns or 0)
+        self.wall_s = (self.last_output_ns - self.first_sent_ns) / 1e9
 
     @property
     def tokens_per_s(self) -> float:
@@ -218,9 +233,7 @@ def _ensemble_tokens(output: dict[str, Any]) -> tuple[int, bool]:
 def parse_triton(export: dict[str, Any]) -> RunStats:
     reqs = _requests(export)
     stats = RunStats(requests=len(reqs), tokens=0, wall_s=0.0)
-    start, end = None, None
     for r in reqs:
-        t0 = r["timestamp"]
         times: list[int] = []
         n = 0
         for ts, out in zip(r.get("response_timestamps", []), r.get("response_outputs", []), strict=False):
@@ -228,16 +241,7 @@ def parse_triton(export: dict[str, Any]) -> RunStats:
             if has:
                 times.append(ts)
                 n += k
-        if not times:
-            stats.errors += 1
-            continue
-        stats.tokens += n
-        stats.ttft_ms.append((times[0] - t0) / 1e6)
-        if n > 1:
-            stats.itl_ms.append((times[-1] - times[0]) / 1e6 / (n - 1))
-        start = t0 if start is None else min(start, t0)
-        end = times[-1] if end is None else max(end, times[-1])
-    stats.wall_s = (end - start) / 1e9 if start is not None and end is not None else 0.0
+        stats.add(r["timestamp"], times, n)
     return stats
 
 
@@ -263,9 +267,7 @@ def _sse_events(output: Any) -> list[dict[str, Any]]:
 def parse_openai(export: dict[str, Any]) -> RunStats:
     reqs = _requests(export)
     stats = RunStats(requests=len(reqs), tokens=0, wall_s=0.0)
-    start, end = None, None
     for r in reqs:
-        t0 = r["timestamp"]
         content_times: list[int] = []
         tokens = 0
         for ts, out in zip(r.get("response_timestamps", []), r.get("response_outputs", []), strict=False):
@@ -277,16 +279,7 @@ def parse_openai(export: dict[str, Any]) -> RunStats:
                     tokens = int(usage.get("completion_tokens", 0))
                 if any((c.get("delta") or {}).get("content") for c in ev.get("choices") or []):
                     content_times.append(ts)
-        if not content_times:
-            stats.errors += 1
-            continue
-        stats.tokens += tokens
-        stats.ttft_ms.append((content_times[0] - t0) / 1e6)
-        if tokens > 1:
-            stats.itl_ms.append((content_times[-1] - content_times[0]) / 1e6 / (tokens - 1))
-        start = t0 if start is None else min(start, t0)
-        end = content_times[-1] if end is None else max(end, content_times[-1])
-    stats.wall_s = (end - start) / 1e9 if start is not None and end is not None else 0.0
+        stats.add(r["timestamp"], content_times, tokens)
     return stats
 
 
