@@ -142,6 +142,18 @@ class TritonPorts:
     http: int = 8000
     metrics: int = 8002
 
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics}/metrics"
+
     @classmethod
     def free(cls) -> TritonPorts:
         """Three ports nobody listens on now (tests and benchmarks run servers side by side)."""
@@ -164,15 +176,15 @@ class TritonProcess:
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return self.ports.grpc_url
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.http}"
+        return self.ports.http_url
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        return self.ports.metrics_url
 
     def is_ready(self) -> bool:
         try:

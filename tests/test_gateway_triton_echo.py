@@ -106,10 +106,6 @@ class EchoTriton:
         self.ports = triton_launcher.TritonPorts.free()
         self.process: Any = None
 
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
     def start(self) -> None:
         try:
             self.process = self.launcher.start(self.repo, ports=self.ports, workdir=self.workdir)
@@ -141,7 +137,7 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoTriton]:
 
 @pytest.fixture
 async def gateway(echo: EchoTriton) -> AsyncIterator[str]:
-    app = create_app(GatewaySettings(model_id="echo", model_aliases=[], triton_grpc_url=echo.grpc_url))
+    app = create_app(GatewaySettings(model_id="echo", model_aliases=[], triton_grpc_url=echo.ports.grpc_url))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -212,7 +208,7 @@ async def test_disconnect_cancels_the_model(gateway: str, echo: EchoTriton) -> N
         assert time.monotonic() < deadline, "Triton kept generating after the client left"
         await asyncio.sleep(0.1)
     assert [e["outcome"] for e in echo.events()[before:]] == ["cancelled", "cancelled"]
-    metrics = httpx.get(f"http://127.0.0.1:{echo.ports.metrics}/metrics").text
+    metrics = httpx.get(echo.ports.metrics_url).text
     pending = [ln for ln in metrics.splitlines() if ln.startswith("nv_inference_pending_request_count{")]
     assert pending and all(ln.endswith(" 0") for ln in pending), pending
 

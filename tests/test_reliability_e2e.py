@@ -44,14 +44,6 @@ class DoubleTriton:
     ports: Any
     process: Any = None
 
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
-
     def start(self) -> None:
         from stack.triton_launcher import start
 
@@ -76,7 +68,7 @@ class DoubleTriton:
             self.process = None
 
     def pending(self) -> list[float]:
-        text = httpx.get(self.metrics_url, timeout=5).text
+        text = httpx.get(self.ports.metrics_url, timeout=5).text
         return [
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -121,7 +113,7 @@ async def gateway(double: DoubleTriton) -> AsyncIterator[tuple[str, Any]]:
     settings = GatewaySettings(
         model_id=MODEL,
         model_aliases=[],
-        triton_grpc_url=double.grpc_url,
+        triton_grpc_url=double.ports.grpc_url,
         tokenizer_dir=art.tokenizer_dir,
         max_model_len=512,
         max_concurrent_requests=MAX_CONCURRENT,

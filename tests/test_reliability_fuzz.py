@@ -37,7 +37,7 @@ def fuzz_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("fuzz")
     with run_double(root, token_interval_us=0) as double:
         triton = SimpleNamespace(
-            grpc_url=double.grpc_url,
+            grpc_url=double.ports.grpc_url,
             model_id=MODEL,
             tokenizer_dir=CpuArtifacts(cache_root()).tokenizer_dir,
             max_model_len=512,
