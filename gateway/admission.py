@@ -16,15 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.errors import APIError
-
-RATE_LIMIT = "rate_limit_error"  # OpenAI's type for 429s; code "rate_limit_exceeded"
-
-
-def rate_limited(message: str, retry_after_s: int) -> APIError:
-    return APIError(
-        429, message, type=RATE_LIMIT, code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)}
-    )
+from gateway.errors import rate_limited
 
 
 @dataclass(eq=False)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.auth import KeyChecker
 from gateway.chat import ChatService
-from gateway.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from gateway.errors import ERROR_RESPONSES, APIError, install_error_handlers, model_card, model_not_found
 from gateway.logs import AccessLogMiddleware
 from gateway.lora import LoraService
 from gateway.metrics import GatewayMetrics, RequestCounterMiddleware
@@ -85,8 +85,8 @@ class GatewayState:
         return self._chat
 
 
-async def _read_body(request: Request, limit: int) -> None:
-    """Read the body once with a size cap (the chat handler then reads it from the cache)."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read once with a size cap (413 beyond it)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise APIError(413, f"Request body exceeds {limit} bytes", code="request_too_large")
@@ -97,7 +97,7 @@ async def _read_body(request: Request, limit: int) -> None:
         if size > limit:
             raise APIError(413, f"Request body exceeds {limit} bytes", code="request_too_large")
         chunks.append(chunk)
-    request._body = b"".join(chunks)
+    return b"".join(chunks)
 
 
 def _openapi_with_request_schema(app: FastAPI) -> dict[str, Any]:
@@ -181,16 +181,16 @@ def create_app(
         summary="Create a chat completion",
     )
     async def chat_completions(request: Request) -> Response:
-        await _read_body(request, settings.max_request_bytes)
-        return await state.chat.handle(request)
-
-    def model_card(model_id: str) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": state.started, "owned_by": "gateway"}
+        raw = await _read_body(request, settings.max_request_bytes)
+        return await state.chat.handle(raw, request)
 
     @app.get("/v1/models", dependencies=auth, summary="List the served model ids")
     async def list_models() -> dict[str, Any]:
         adapters = state.lora.model_cards(state.started) if state.lora is not None else []
-        return {"object": "list", "data": [model_card(m) for m in settings.served_model_ids] + adapters}
+        return {
+            "object": "list",
+            "data": [model_card(m, state.started) for m in settings.served_model_ids] + adapters,
+        }
 
     @app.get(
         "/v1/models/{model_id:path}", dependencies=auth, responses=ERROR_RESPONSES, summary="Retrieve a model"
@@ -201,10 +201,8 @@ def create_app(
             if card is not None:
                 return card
         if model_id not in settings.served_model_ids:
-            raise APIError(
-                404, f"The model '{model_id}' does not exist", param="model", code="model_not_found"
-            )
-        return model_card(model_id)
+            raise model_not_found(model_id)
+        return model_card(model_id, state.started)
 
     @app.get("/health/live", dependencies=health_auth, summary="The gateway process is up")
     async def live() -> dict[str, str]:

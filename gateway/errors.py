@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.triton_stream import TritonError
+
 log = logging.getLogger("gateway")
 
 INVALID_REQUEST = "invalid_request_error"
@@ -24,6 +26,7 @@ AUTHENTICATION = "authentication_error"
 SERVER_ERROR = "server_error"
 UNAVAILABLE = "service_unavailable_error"
 TIMEOUT = "timeout_error"
+RATE_LIMIT = "rate_limit_error"  # OpenAI's type for 429s; code "rate_limit_exceeded"
 
 
 class APIError(Exception):
@@ -53,6 +56,42 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str, available: list[str] | None = None) -> APIError:
+    """404 for an unknown `model`; `available` lists the served ids when the caller wants them named."""
+    listed = f". Available: {', '.join(available)}" if available else ""
+    return APIError(404, f"The model '{model}' does not exist{listed}", param="model", code="model_not_found")
+
+
+def model_card(model_id: str, created: int, parent: str | None = None) -> dict[str, Any]:
+    """One `/v1/models` entry; adapters name their base model as `parent` and `root`."""
+    card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "gateway"}
+    if parent is not None:
+        card.update(parent=parent, root=parent)
+    return card
+
+
+def rate_limited(message: str, retry_after_s: int) -> APIError:
+    return APIError(
+        429, message, type=RATE_LIMIT, code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)}
+    )
+
+
+def triton_api_error(exc: TritonError) -> APIError:
+    """Triton's failure classes as HTTP answers (kinds compared by value, so a string enum works too)."""
+    kind = str(exc.kind)
+    if kind == "unavailable":
+        return APIError(
+            503, exc.message, type=UNAVAILABLE, code="triton_unavailable", headers={"Retry-After": "5"}
+        )
+    if kind == "timeout":
+        return APIError(504, exc.message, type=TIMEOUT, code="timeout")
+    if kind == "unsupported":  # the request needs an ensemble input this deployment lacks
+        return bad_request(exc.message, None, "unsupported_parameter")
+    if kind == "overloaded":  # Triton's max_queue_size: the same back-pressure answer as admission's
+        return rate_limited(f"Rate limit reached: {exc.message}. Please retry later.", 1)
+    return APIError(500, f"Inference failed: {exc.message[:500]}", type=SERVER_ERROR, code="inference_error")
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Per-request limits beyond the schema: message count, prompt tokens, max_tokens.
+"""Per-request limits beyond the schema: message count, prompt tokens, max_tokens, the context length.
 
 They bound what one request may cost before it reaches the engine; every violation is a 400 naming the
 field, with OpenAI-style codes. The body size cap (413) is enforced while reading the body (app.py); the
@@ -48,3 +48,39 @@ def check_prompt_tokens(prompt_tokens: int | None, settings: GatewaySettings) ->
             "messages",
             "context_length_exceeded",
         )
+
+
+def budget(prompt_tokens: int | None, request: ChatRequest, settings: GatewaySettings) -> int:
+    """The completion's token budget: the prompt and the completion must fit the model's context length.
+
+    Without a tokenizer (`prompt_tokens` None) only the request's own `max_tokens` can be checked; the
+    default then is `default_max_tokens`, otherwise whatever room the prompt leaves (at most that default).
+    """
+    check_prompt_tokens(prompt_tokens, settings)
+    limit = settings.max_model_len
+    param = request.max_tokens_param
+    if request.max_tokens is not None and request.max_tokens > limit:
+        raise bad_request(
+            f"{param} is {request.max_tokens}, above this model's context length of {limit} tokens",
+            param,
+            "context_length_exceeded",
+        )
+    if prompt_tokens is None:
+        return request.max_tokens or settings.default_max_tokens
+    if prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your messages "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+            "messages",
+            "context_length_exceeded",
+        )
+    if request.max_tokens is not None and prompt_tokens + request.max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{request.max_tokens} in the completion). Please reduce the length of the messages "
+            "or completion.",
+            param,
+            "context_length_exceeded",
+        )
+    return request.max_tokens or min(settings.default_max_tokens, limit - prompt_tokens)

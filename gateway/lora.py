@@ -1,11 +1,11 @@
-"""LoRA adapters (issue 9), gateway side: `model` → adapter, its Triton inputs, and the cache-miss retry.
+"""LoRA adapters, gateway side: `model` → adapter, and a backend that adds the adapter's Triton inputs.
 
-`gemma3_core.lora.LoraRegistry` knows the adapters directory, the PEFT → TensorRT-LLM conversion and which
-adapters' weights were already sent. Here: `model` may be an adapter name or `base:adapter`; the first
-request for an adapter carries `lora_weights`/`lora_config` (converted in a worker thread: seconds for a
-27B adapter), later ones only `lora_task_id`. When the engine no longer has the adapter cached (evicted,
-Triton restarted) it fails the request with TensorRT-LLM's cache-miss text; the request is then resent
-once with the weights. `/v1/models` lists adapters with `parent`/`root` = the base model id.
+`LoraRegistry` knows the adapters directory, the PEFT → TensorRT-LLM conversion and which adapters' weights
+were already sent. Here: `model` may be an adapter name or `base:adapter`; the first request for an adapter
+carries `lora_weights`/`lora_config` (converted in a worker thread: seconds for a 27B adapter), later ones
+only `lora_task_id`. When the engine no longer has the adapter cached (evicted, Triton restarted) it fails
+the request with TensorRT-LLM's cache-miss text; `LoraBackend` then resends it once with the weights.
+`/v1/models` lists adapters with `parent`/`root` = the base model id.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import APIError
+from gateway.errors import model_card, model_not_found
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import GenerationBackend, TritonError, TritonResponse
+from gateway.triton_stream import GenerationBackend, ModelSpec, TritonError, TritonResponse
 from gemma3_core.lora import AdapterEntry, LoraRegistry, UnknownAdapterError, is_cache_miss_error
 
 log = logging.getLogger("gateway.lora")
-
-
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
 class LoraService:
@@ -78,34 +74,45 @@ class LoraService:
             raise model_not_found(model) from None
 
     def model_cards(self, created: int) -> list[dict[str, Any]]:
-        base = self.base_ids[0]
-        return [
-            {
-                "id": e.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "gateway",
-                "parent": base,
-                "root": base,
-            }
-            for e in self.registry.entries
-        ]
+        return [model_card(e.name, created, parent=self.base_ids[0]) for e in self.registry.entries]
+
+    async def request_inputs(
+        self, backend: GenerationBackend, adapter: str, *, force_weights: bool = False
+    ) -> dict[str, Any]:
+        """The adapter's Triton inputs (weights on first use, or when `force_weights` after a cache miss)."""
+        registry = await self._registry(backend)
+        if force_weights:
+            registry.invalidate(adapter)
+        return await asyncio.to_thread(registry.request_inputs, adapter, force_weights=force_weights)
+
+
+class LoraBackend:
+    """A `GenerationBackend` that serves one adapter: the inner backend's streams with the adapter's inputs,
+    resent once with weights after a cache miss. The generation above it never hears of adapters."""
+
+    def __init__(self, backend: GenerationBackend, lora: LoraService, adapter: str) -> None:
+        self.backend = backend
+        self.lora = lora
+        self.adapter = adapter
+        self.url = backend.url
+
+    async def ready(self) -> tuple[bool, str]:
+        return await self.backend.ready()
+
+    async def model_spec(self) -> ModelSpec:
+        return await self.backend.model_spec()
+
+    async def close(self) -> None:
+        pass  # the inner backend is shared; its owner closes it
 
     async def generate(
-        self,
-        backend: GenerationBackend,
-        adapter: str,
-        prompt: str,
-        values: Mapping[str, Any],
-        request_id: str,
+        self, prompt: str, values: Mapping[str, Any], request_id: str
     ) -> AsyncIterator[TritonResponse]:
-        """`backend.generate` with the adapter's inputs; one resend with weights after a cache miss."""
-        registry = await self._registry(backend)
-        inputs = await asyncio.to_thread(registry.request_inputs, adapter)
+        inputs = await self.lora.request_inputs(self.backend, self.adapter)
         started = False
         try:
             async with contextlib.aclosing(
-                backend.generate(prompt, {**values, **inputs}, request_id)
+                self.backend.generate(prompt, {**values, **inputs}, request_id)
             ) as stream:
                 async for response in stream:
                     started = True
@@ -115,9 +122,9 @@ class LoraService:
             # Only a failure before any output can be retried: a resend would repeat streamed text.
             if started or not is_cache_miss_error(exc.message):
                 raise
-            log.info("LoRA adapter %s not cached by the engine; resending with weights", adapter)
-        registry.invalidate(adapter)
-        inputs = await asyncio.to_thread(registry.request_inputs, adapter, force_weights=True)
-        async with contextlib.aclosing(backend.generate(prompt, {**values, **inputs}, request_id)) as stream:
+            log.info("LoRA adapter %s not cached by the engine; resending with weights", self.adapter)
+        inputs = await self.lora.request_inputs(self.backend, self.adapter, force_weights=True)
+        stream = self.backend.generate(prompt, {**values, **inputs}, request_id)
+        async with contextlib.aclosing(stream):
             async for response in stream:
                 yield response

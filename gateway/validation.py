@@ -141,7 +141,6 @@ def parse_json(raw: bytes) -> Any:
 class ChatRequest:
     """A validated chat request, with defaults resolved and every field typed."""
 
-    body: dict[str, Any]
     model: str
     messages: list[dict[str, Any]]
     n: int = 1
@@ -160,6 +159,7 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def _opt_float(body: dict[str, Any], key: str) -> float | None:
@@ -287,7 +287,6 @@ def parse_chat_request(
     stops = [stop] if isinstance(stop, str) else list(dict.fromkeys(stop or []))
 
     return ChatRequest(
-        body=body,
         model=model,
         messages=body["messages"],
         n=n,
@@ -306,4 +305,5 @@ def parse_chat_request(
         tools=body.get("tools"),
         tool_choice=body.get("tool_choice"),
         response_format=body.get("response_format"),
+        parallel_tool_calls=body.get("parallel_tool_calls"),
     )

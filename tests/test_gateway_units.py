@@ -29,7 +29,7 @@ SETTINGS = GatewaySettings(model_id="m", default_temperature=1.0, default_top_p=
 
 
 def request(**fields: Any) -> ChatRequest:
-    return ChatRequest(body={}, model="m", messages=[{"role": "user", "content": "hi"}], **fields)
+    return ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], **fields)
 
 
 # --- sampling --------------------------------------------------------------------------------------------

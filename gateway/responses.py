@@ -1,0 +1,117 @@
+"""A `Generation`'s events shaped as OpenAI answers: one `chat.completion` body, or an SSE stream of chunks.
+
+With tools, choice text goes through the tool-call parser: non-streamed text becomes `message.tool_calls`,
+streamed deltas a streaming parser's deltas, so call text never reaches `content`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway import sse
+from gateway.generation import Delta, Event, Failure, Finish, Generation
+from gemma3_core.tool_parser import StreamingToolParser
+
+
+async def collect(generation: Generation, first: Event | None = None) -> dict[str, Any]:
+    """Wait for all choices and build the non-streamed `chat.completion` body."""
+    event = first
+    while generation.unfinished:
+        if event is None:
+            event = await generation.next_event()
+        if isinstance(event, Failure):
+            raise event.error
+        event = None
+    ctx, choices = generation.ctx, generation.choices
+    shaped = [ctx.tools.message(c.text, c.finish_reason) for c in choices]
+    return {
+        "id": ctx.id,
+        "object": "chat.completion",
+        "created": ctx.created,
+        "model": ctx.request.model,
+        "choices": [
+            {"index": c.index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            for c, (message, finish_reason) in zip(choices, shaped, strict=True)
+        ],
+        "usage": generation.usage(),
+    }
+
+
+class _ChunkWriter:
+    """Appends the SSE chunks of each event; one per stream."""
+
+    def __init__(self, generation: Generation) -> None:
+        ctx = generation.ctx
+        self.generation = generation
+        self.factory = sse.ChunkFactory(ctx.id, ctx.created, ctx.request.model, ctx.request.include_usage)
+        self.parsers: dict[int, StreamingToolParser | None] = {
+            c.index: ctx.tools.new_parser() for c in generation.choices
+        }
+
+    def encode(self, event: Event, out: list[bytes]) -> bool:
+        """Append the SSE chunks of one event; True when the stream ends with it."""
+        factory = self.factory
+        if isinstance(event, Delta):
+            parser = self.parsers.get(event.index)
+            if parser is None:
+                out.append(factory.content(event.index, event.text))
+            else:
+                out.extend(factory.delta(event.index, delta) for delta in parser.feed(event.text))
+            return False
+        if isinstance(event, Finish):
+            reason = event.reason
+            parser = self.parsers.get(event.index)
+            if parser is not None:
+                out.extend(factory.delta(event.index, delta) for delta in parser.finish())
+                reason = "tool_calls" if parser.has_tool_calls else reason
+            out.append(factory.finish(event.index, reason))
+            return not self.generation.unfinished
+        out.append(sse.error_event(event.error.body()))
+        return True
+
+
+async def stream(generation: Generation, first: Event) -> AsyncIterator[bytes]:
+    """The SSE bytes of a generation whose first event was `first`; closes the generation at the end."""
+    writer = _ChunkWriter(generation)
+    try:
+        out = [writer.factory.role(choice.index) for choice in generation.choices]
+        event = first
+        while not writer.encode(event, out):
+            queued = generation.ready_event()
+            if queued is not None:
+                event = queued
+                continue
+            yield b"".join(out)  # everything already queued leaves as one write (one syscall)
+            out.clear()
+            event = await generation.next_event()
+        if not generation.unfinished and writer.factory.include_usage:
+            out.append(writer.factory.usage(generation.usage()))
+        generation.done = True
+        out.append(sse.DONE)
+        yield b"".join(out)
+    finally:
+        generation.close()
+
+
+class GenerationStreamingResponse(StreamingResponse):
+    """Closes the generation however the response ends (done, client gone, server shutdown)."""
+
+    def __init__(self, generation: Generation, first: Event) -> None:
+        super().__init__(
+            stream(generation, first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.generation.done:
+                self.generation.metrics.disconnects.labels(self.generation.metrics.model).inc()
+            self.generation.close()
