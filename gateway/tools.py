@@ -1,4 +1,4 @@
-"""Tool calling and structured output (issue 6), gateway side.
+"""Tool calling and structured output, gateway side (the request was validated by gateway/validation.py).
 
 Prompting (`gemma3_core.tool_prompt.prepare_messages`, called from gateway/prompt.py) and parsing
 (`gemma3_core.tool_parser`) are shared modules; this one decides per request
@@ -16,8 +16,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import bad_request
-from gemma3_core.chat_template import TemplateError
 from gemma3_core.tool_parser import StreamingToolParser, parse_tool_calls
 from gemma3_core.tool_prompt import guided_decoding_for, tools_active
 
@@ -62,10 +60,7 @@ def plan_tools(
     response_format: Any,
     parallel_tool_calls: bool | None = None,
 ) -> ToolPlan:
-    try:
-        guided = guided_decoding_for(tools, tool_choice, response_format)
-    except TemplateError as exc:
-        raise bad_request(exc.message, exc.param or "tools", "invalid_value") from None
+    guided = guided_decoding_for(tools, tool_choice, response_format)
     forced = bool(tools) and tool_choice not in (None, "none", "auto")
     if guided is not None and forced and parallel_tool_calls is False:
         # OpenAI's parallel_tool_calls=false: at most one call. The forced guide is the call list's schema.

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
-from jsonschema import Draft7Validator
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema import Draft7Validator, validators
+from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from gateway.errors import APIError, bad_request
 from gateway.settings import GatewaySettings
@@ -172,9 +172,34 @@ def _opt_int(body: dict[str, Any], key: str) -> int | None:
     return None if value is None else int(value)
 
 
+def _schema_problem(schema: Any) -> str | None:
+    """Why `schema` is not a usable JSON Schema (checked against its own metaschema), or None."""
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        return f"invalid JSON Schema: {exc.message}"
+    return None
+
+
 def _check_tools(body: dict[str, Any]) -> None:
+    """Tools, tool_choice, response_format and the tool turns of the conversation, beyond the schema.
+
+    Codes and wording are the ones clients have seen: a problem found while rendering the conversation
+    (tool definitions, replayed calls) is `invalid_conversation`, a guided-decoding schema `invalid_value`.
+    """
     tools = body.get("tools") or []
-    names = {t["function"]["name"] for t in tools}
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        name = fn["name"]
+        if name in names:
+            raise bad_request(
+                f"duplicate function name '{name}'", f"tools[{i}].function.name", "invalid_conversation"
+            )
+        names.add(name)
+        problem = _schema_problem(fn["parameters"]) if fn.get("parameters") is not None else None
+        if problem is not None:
+            raise bad_request(problem, f"tools[{i}].function.parameters", "invalid_conversation")
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         name = choice["function"]["name"]
@@ -189,11 +214,20 @@ def _check_tools(body: dict[str, Any]) -> None:
             "tool_choice 'required' needs a non-empty `tools` list", "tool_choice", "invalid_value"
         )
 
-    # A tool result must answer a call the assistant made earlier in the conversation.
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        schema = response_format["json_schema"].get("schema")
+        problem = _schema_problem(schema) if schema is not None else None
+        if problem is not None:
+            raise bad_request(problem, "response_format.json_schema.schema", "invalid_value")
+
+    # A replayed call carries a JSON object; a tool result must answer a call made earlier.
     seen_ids: set[str] = set()
     for i, message in enumerate(body["messages"]):
         if message["role"] == "assistant":
-            seen_ids.update(call["id"] for call in message.get("tool_calls") or [])
+            for j, call in enumerate(message.get("tool_calls") or []):
+                _check_arguments(call["function"].get("arguments"), f"messages[{i}].tool_calls[{j}]")
+                seen_ids.add(call["id"])
         elif message["role"] == "tool" and message["tool_call_id"] not in seen_ids:
             raise bad_request(
                 f"messages[{i}] answers tool_call_id '{message['tool_call_id']}', which no earlier "
@@ -201,6 +235,24 @@ def _check_tools(body: dict[str, Any]) -> None:
                 f"messages[{i}].tool_call_id",
                 "invalid_value",
             )
+
+
+def _check_arguments(arguments: str | None, param: str) -> None:
+    """A replayed call's `arguments`: a string holding a JSON object (empty means no arguments)."""
+    if not arguments:
+        return
+    try:
+        decoded = json.loads(arguments)
+    except ValueError:
+        raise bad_request(
+            "tool call arguments must be a JSON object string",
+            f"{param}.function.arguments",
+            "invalid_conversation",
+        ) from None
+    if not isinstance(decoded, dict):
+        raise bad_request(
+            "tool call arguments must be a JSON object", f"{param}.function.arguments", "invalid_conversation"
+        )
 
 
 def _invalid_unicode(value: Any, path: list[str | int]) -> list[str | int] | None:

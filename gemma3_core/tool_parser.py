@@ -37,6 +37,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemma3_core.tool_prompt import FUNCTION_NAME_RE
+
 # Fence languages that may hold calls; `python`/`py` only under the whole-response rule.
 CALL_FENCE_LANGS = frozenset({"", "tool_code", "tool_call", "tool_calls", "json", "python", "py"})
 PYTHON_FENCE_LANGS = frozenset({"python", "py"})
@@ -44,8 +46,7 @@ TOOL_OUTPUT_FENCE_LANG = "tool_output"
 
 _CALL_KEYS = frozenset({"name", "arguments", "parameters", "id", "type", "function"})
 _INNER_FUNCTION_KEYS = frozenset({"name", "arguments", "parameters"})
-# OpenAI function names; dots allowed for `default_api.f` style prefixes.
-_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_MAX_DOTTED_NAME = 64  # a prefixed name (`default_api.f`) is held to a function name's length
 _IDENT_CHARS = frozenset(string.ascii_letters + string.digits + "_.")
 _ID_ALPHABET = string.ascii_letters + string.digits
 _WS = " \t\r\n"
@@ -108,14 +109,17 @@ def _dumps(args: dict[str, Any]) -> str:
 
 
 def _resolve_name(raw: Any, names: frozenset[str] | None) -> str:
-    if not isinstance(raw, str) or not _NAME_RE.fullmatch(raw):
+    if not isinstance(raw, str) or len(raw) > _MAX_DOTTED_NAME:
+        raise _NotACall
+    # `default_api.get_weather` / `functions.get_weather`: Gemini-style prefixes Gemma sometimes copies.
+    # Every dotted part must itself be a function name; the call names the last one.
+    parts = raw.split(".")
+    if not all(FUNCTION_NAME_RE.fullmatch(part) for part in parts):
         raise _NotACall
     if names is None or raw in names:
         return raw
-    # `default_api.get_weather` / `functions.get_weather`: Gemini-style prefixes Gemma sometimes copies.
-    short = raw.rsplit(".", 1)[-1]
-    if short in names:
-        return short
+    if parts[-1] in names:
+        return parts[-1]
     raise _NotACall
 
 

@@ -32,74 +32,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gemma3_core.chat_template import TemplateError
-
 FORMAT_EXAMPLE = '[{"name": "function_name", "arguments": {"argument_name": "value"}}]'
-_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_TOOL_CHOICE_STRINGS = ("none", "auto", "required")
-
-
-# --- validation -----------------------------------------------------------------------------------
-def _check_schema(schema: Any, param: str) -> None:
-    if not isinstance(schema, Mapping):
-        raise TemplateError("must be a JSON Schema object", param)
-    try:
-        import jsonschema  # gateway dependency; imported lazily to keep this module light
-    except ImportError:  # pragma: no cover - jsonschema is a declared dependency
-        return
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.exceptions.SchemaError as e:
-        raise TemplateError(f"invalid JSON Schema: {e.message}", param) from e
-
-
-def validate_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) -> None:
-    """400-class checks of `tools` and `tool_choice` (raises TemplateError naming the field)."""
-    names: list[str] = []
-    if tools is not None:
-        if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
-            raise TemplateError("tools must be a list", "tools")
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, Mapping) or tool.get("type") != "function":
-                raise TemplateError("each tool must be an object with type 'function'", f"tools[{i}].type")
-            fn = tool.get("function")
-            if not isinstance(fn, Mapping):
-                raise TemplateError("tool needs a 'function' object", f"tools[{i}].function")
-            name = fn.get("name")
-            if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-                raise TemplateError(
-                    "function name must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-'",
-                    f"tools[{i}].function.name",
-                )
-            if name in names:
-                raise TemplateError(f"duplicate function name '{name}'", f"tools[{i}].function.name")
-            names.append(name)
-            if "description" in fn and not isinstance(fn["description"], str):
-                raise TemplateError("description must be a string", f"tools[{i}].function.description")
-            if fn.get("parameters") is not None:
-                _check_schema(fn["parameters"], f"tools[{i}].function.parameters")
-    if tool_choice is None or tool_choice in ("none", "auto"):
-        return
-    if tool_choice == "required":
-        if not names:
-            raise TemplateError("tool_choice 'required' needs a non-empty tools list", "tool_choice")
-        return
-    if isinstance(tool_choice, Mapping):
-        fn = tool_choice.get("function")
-        if tool_choice.get("type") != "function" or not isinstance(fn, Mapping):
-            raise TemplateError(
-                "tool_choice must be 'none', 'auto', 'required' or "
-                "{'type': 'function', 'function': {'name': ...}}",
-                "tool_choice",
-            )
-        name = fn.get("name")
-        if name not in names:
-            raise TemplateError(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
-        return
-    raise TemplateError(
-        f"tool_choice must be one of {_TOOL_CHOICE_STRINGS} or a function object, got {tool_choice!r}",
-        "tool_choice",
-    )
+# OpenAI's function-name rule, the one pattern the request schema (gateway/schemas) also uses.
+FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 def named_tool_choice(tool_choice: Any) -> str | None:
@@ -151,17 +86,12 @@ def render_tool_prompt(tools: Sequence[Mapping[str, Any]], tool_choice: Any = "a
     return "\n".join(lines)
 
 
-def _arguments_obj(arguments: Any, param: str) -> Any:
+def _arguments_obj(arguments: Any) -> Any:
     if isinstance(arguments, Mapping):
         return dict(arguments)
     if arguments is None or arguments == "":
         return {}
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except ValueError as e:
-            raise TemplateError("tool call arguments must be a JSON object string", param) from e
-    raise TemplateError("tool call arguments must be a JSON object string", param)
+    return json.loads(arguments)
 
 
 def render_tool_calls(calls: Sequence[tuple[str, Any]]) -> str:
@@ -169,7 +99,7 @@ def render_tool_calls(calls: Sequence[tuple[str, Any]]) -> str:
 
     `arguments` is the JSON string OpenAI transports (or an already-decoded object).
     """
-    items = [{"name": name, "arguments": _arguments_obj(args, "arguments")} for name, args in calls]
+    items = [{"name": name, "arguments": _arguments_obj(args)} for name, args in calls]
     return json.dumps(items, ensure_ascii=False)
 
 
@@ -186,23 +116,13 @@ def render_tool_result(name: str | None, call_id: str, content: str) -> str:
 
 
 # --- conversation mapping -------------------------------------------------------------------------
-def _text_of(content: Any, param: str) -> str:
+def _text_of(content: Any) -> str:
     """Text of a string or a list of text parts (tool results, assistant turns)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, Sequence):
-        texts: list[str] = []
-        for j, part in enumerate(content):
-            if not isinstance(part, Mapping):
-                raise TemplateError("content parts must be objects", f"{param}[{j}]")
-            if part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
-            elif part.get("type") != "refusal":
-                raise TemplateError("only text parts are allowed here", f"{param}[{j}].type")
-        return "\n".join(texts)
-    raise TemplateError("content must be a string or a list of parts", param)
+    return "\n".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
 
 
 def _prefix_content(content: Any, prefix: str) -> Any:
@@ -235,10 +155,10 @@ def prepare_messages(
     """OpenAI chat messages → messages `gemma3_core.chat_template.render_chat` accepts.
 
     Only `system`/`user`/`assistant` roles come out, alternating user/assistant after an optional system
-    message (for well-formed OpenAI conversations); image parts pass through untouched. Raises
-    TemplateError for invalid tools/tool_choice and for tool messages that answer no earlier call.
+    message (for well-formed OpenAI conversations); image parts pass through untouched. The request is
+    assumed valid (the gateway validates tools, tool_choice, replayed calls and tool_call_ids first); the
+    template still judges the roles' order.
     """
-    validate_tools(tools, tool_choice)
     out: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}  # tool_call_id -> function name
     pending_results: list[str] = []  # tool results waiting to become a user turn
@@ -251,20 +171,12 @@ def prepare_messages(
             out.append(results_turn)
             pending_results.clear()
 
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise TemplateError("each message must be an object", f"messages[{i}]")
+    for message in messages:
         role = message.get("role")
         if role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or call_id not in call_names:
-                raise TemplateError(
-                    f"messages[{i}] (role 'tool') answers tool_call_id {call_id!r}, which no earlier "
-                    "assistant message's tool_calls contains",
-                    f"messages[{i}].tool_call_id",
-                )
-            content = _text_of(message.get("content"), f"messages[{i}].content")
-            pending_results.append(render_tool_result(call_names[call_id], call_id, content))
+            call_id = message["tool_call_id"]
+            content = _text_of(message.get("content"))
+            pending_results.append(render_tool_result(call_names.get(call_id), call_id, content))
             continue
         if pending_results:
             flush_results()
@@ -276,7 +188,7 @@ def prepare_messages(
                 continue
         results_turn = None
         if role == "assistant" and message.get("tool_calls"):
-            out.append({"role": "assistant", "content": _assistant_text(message, i, call_names)})
+            out.append({"role": "assistant", "content": _assistant_text(message, call_names)})
             continue
         out.append(dict(message))
     flush_results()
@@ -296,28 +208,13 @@ def _append_content(results_text: str, content: Any) -> Any:
     return _prefix_content(content, results_text)
 
 
-def _assistant_text(message: Mapping[str, Any], i: int, call_names: dict[str, str]) -> str:
-    calls = message.get("tool_calls")
-    if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
-        raise TemplateError("tool_calls must be a list", f"messages[{i}].tool_calls")
+def _assistant_text(message: Mapping[str, Any], call_names: dict[str, str]) -> str:
     pairs: list[tuple[str, Any]] = []
-    for j, call in enumerate(calls):
-        param = f"messages[{i}].tool_calls[{j}]"
-        if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
-            raise TemplateError("tool call needs a 'function' object", f"{param}.function")
+    for call in message["tool_calls"]:
         fn = call["function"]
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise TemplateError("tool call needs a function name", f"{param}.function.name")
-        args = _arguments_obj(fn.get("arguments"), f"{param}.function.arguments")
-        if not isinstance(args, dict):
-            raise TemplateError("tool call arguments must be a JSON object", f"{param}.function.arguments")
-        call_id = call.get("id")
-        if not isinstance(call_id, str) or not call_id:
-            raise TemplateError("tool call needs an id", f"{param}.id")
-        call_names[call_id] = name
-        pairs.append((name, args))
-    text = _text_of(message.get("content"), f"messages[{i}].content").strip()
+        call_names[call["id"]] = fn["name"]
+        pairs.append((fn["name"], fn.get("arguments")))
+    text = _text_of(message.get("content")).strip()
     rendered = render_tool_calls(pairs)
     return f"{text}\n\n{rendered}" if text else rendered
 
@@ -339,8 +236,6 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> di
     name = named_tool_choice(tool_choice)
     if name is not None:
         chosen = [t for t in tools if t["function"]["name"] == name]
-        if not chosen:
-            raise TemplateError(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
         return {"type": "array", "minItems": 1, "maxItems": 1, "items": _call_schema(chosen[0])}
     if tool_choice == "required" and tools:
         items = [_call_schema(t) for t in tools]
@@ -350,25 +245,13 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> di
 
 def response_format_schema(response_format: Any) -> dict[str, Any] | None:
     """JSON schema for `response_format` json_object / json_schema (None for text/absent)."""
-    if response_format is None:
-        return None
-    if not isinstance(response_format, Mapping):
-        raise TemplateError("response_format must be an object", "response_format")
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return None
+    kind = response_format.get("type") if response_format is not None else None
     if kind == "json_object":
         return {"type": "object"}  # OpenAI's JSON mode promises an object, not any JSON value
     if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, Mapping):
-            raise TemplateError("json_schema must be an object", "response_format.json_schema")
-        schema = spec.get("schema")
-        if schema is None:
-            return {"type": "object"}
-        _check_schema(schema, "response_format.json_schema.schema")
-        return dict(schema)
-    raise TemplateError(f"unsupported response_format type {kind!r}", "response_format.type")
+        schema = response_format["json_schema"].get("schema")
+        return {"type": "object"} if schema is None else dict(schema)
+    return None
 
 
 def guided_decoding_for(

@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.errors import APIError
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import TritonResponse
+from gateway.validation import parse_chat_request
 from tests.gateway_fakes import AlwaysReadyBackend
 
 MODEL = "gemma-test"
@@ -494,3 +496,111 @@ async def test_triton_unreachable_is_503() -> None:
             assert ready.json()["status"] == "unavailable"
     finally:
         await app.state.gateway.backend.close()
+
+
+# --- tools, tool_choice and tool turns: the rules the prompt renderer relies on --------------------------
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+TOOLS = [WEATHER, TIME]
+ASK = [{"role": "user", "content": "x"}]
+
+
+def _call(call_id: str, name: str, arguments: str = "{}") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _rejected(request: dict[str, Any]) -> APIError:
+    with pytest.raises(APIError) as e:
+        parse_chat_request(json.dumps({"model": MODEL, **request}).encode(), _settings())
+    assert e.value.status == 400
+    return e.value
+
+
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "param"),
+    [
+        ([{"type": "retrieval"}], None, "tools[0].type"),
+        ([{"type": "function"}], None, "tools[0].function"),
+        ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "dotted.name"}}], None, "tools[0].function.name"),
+        ([WEATHER, WEATHER], None, "tools[1].function.name"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+            None,
+            "tools[0].function.parameters",
+        ),
+        (TOOLS, "sometimes", "tool_choice"),
+        (TOOLS, {"type": "function", "function": {"name": "missing"}}, "tool_choice"),
+        (TOOLS, {"type": "function"}, "tool_choice.function"),
+        ([], "required", "tools"),
+        (None, {"type": "function", "function": {"name": "get_time"}}, "tool_choice"),
+    ],
+)
+def test_tool_validation_names_the_field(tools: Any, tool_choice: Any, param: str) -> None:
+    request: dict[str, Any] = {"messages": ASK}
+    if tools is not None:
+        request["tools"] = tools
+    if tool_choice is not None:
+        request["tool_choice"] = tool_choice
+    assert _rejected(request).param == param
+
+
+def test_valid_tool_choices() -> None:
+    for choice in (None, "none", "auto", "required", {"type": "function", "function": {"name": "get_time"}}):
+        request = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice}
+        parse_chat_request(json.dumps(request).encode(), _settings())
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([*ASK, {"role": "tool", "tool_call_id": "nope", "content": "r"}], "messages[1].tool_call_id"),
+        (
+            [
+                *ASK,
+                {"role": "assistant", "content": None, "tool_calls": [_call("c1", "get_time")]},
+                {"role": "tool", "content": "r"},
+            ],
+            "messages[2].tool_call_id",
+        ),
+        (
+            [
+                *ASK,
+                {"role": "tool", "tool_call_id": "c1", "content": "early"},
+                {"role": "assistant", "content": None, "tool_calls": [_call("c1", "get_time")]},
+            ],
+            "messages[1].tool_call_id",
+        ),
+    ],
+)
+def test_tool_message_without_matching_call(messages: list[dict[str, Any]], param: str) -> None:
+    assert _rejected({"messages": messages, "tools": TOOLS}).param == param
+
+
+def test_bad_assistant_tool_call_arguments() -> None:
+    for arguments, message in (("{not json", "a JSON object string"), ("[1]", "a JSON object")):
+        replay = [
+            *ASK,
+            {"role": "assistant", "content": None, "tool_calls": [_call("c1", "get_time", arguments)]},
+        ]
+        error = _rejected({"messages": replay, "tools": TOOLS})
+        assert error.param == "messages[1].tool_calls[0].function.arguments"
+        assert error.message.endswith(message) and error.code == "invalid_conversation"
+    no_id = {"type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    replay = [*ASK, {"role": "assistant", "content": None, "tool_calls": [no_id]}]
+    assert _rejected({"messages": replay, "tools": TOOLS}).param == "messages[1].tool_calls[0].id"
+
+
+def test_bad_response_format_names_the_field() -> None:
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+    assert (
+        _rejected({"messages": ASK, "response_format": bad_schema}).param
+        == "response_format.json_schema.schema"
+    )
+    assert _rejected({"messages": ASK, "response_format": {"type": "yaml"}}).param == "response_format.type"

@@ -1,4 +1,7 @@
-"""Tool prompt: OpenAI conversations → Gemma 3 template messages, validation, guided-decoding schemas."""
+"""Tool prompt: OpenAI conversations → Gemma 3 template messages, guided-decoding schemas, the name rule.
+
+Tools, tool_choice and tool turns are checked by gateway/validation.py (tests/test_gateway_validation.py).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,17 @@ import json
 from typing import Any
 
 import jsonschema
-import pytest
 
-from gemma3_core.chat_template import TemplateError, render_chat
+from gateway.validation import load_schema
+from gemma3_core.chat_template import render_chat
 from gemma3_core.tool_parser import parse_tool_calls
 from gemma3_core.tool_prompt import (
     FORMAT_EXAMPLE,
+    FUNCTION_NAME_RE,
     guided_decoding_for,
     prepare_messages,
     render_tool_calls,
     render_tool_prompt,
-    validate_tools,
 )
 
 WEATHER = {
@@ -167,80 +170,11 @@ def test_tool_result_with_backticks_gets_longer_fence() -> None:
     assert "````tool_output\n```\ncode\n```\n````" in out[-1]["content"]
 
 
-@pytest.mark.parametrize(
-    ("messages", "param"),
-    [
-        (
-            [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}],
-            "messages[1]",
-        ),
-        (
-            [
-                {"role": "user", "content": "x"},
-                {"role": "assistant", "content": None, "tool_calls": [_call("c1", "get_time", {})]},
-                {"role": "tool", "content": "r"},
-            ],
-            "messages[2]",
-        ),
-        (
-            [
-                {"role": "user", "content": "x"},
-                {"role": "tool", "tool_call_id": "c1", "content": "early"},
-                {"role": "assistant", "content": None, "tool_calls": [_call("c1", "get_time", {})]},
-            ],
-            "messages[1]",
-        ),
-    ],
-)
-def test_tool_message_without_matching_call(messages: list[dict[str, Any]], param: str) -> None:
-    with pytest.raises(TemplateError) as e:
-        prepare_messages(messages, TOOLS, "auto")
-    assert e.value.param == f"{param}.tool_call_id"
-
-
-def test_bad_assistant_tool_call_arguments() -> None:
-    bad = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{not json"}}
-    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [bad]}]
-    with pytest.raises(TemplateError) as e:
-        prepare_messages(msgs, TOOLS, "auto")
-    assert e.value.param == "messages[1].tool_calls[0].function.arguments"
-    no_id = {"type": "function", "function": {"name": "get_time", "arguments": "{}"}}
-    msgs[1]["tool_calls"] = [no_id]
-    with pytest.raises(TemplateError) as e:
-        prepare_messages(msgs, TOOLS, "auto")
-    assert e.value.param == "messages[1].tool_calls[0].id"
-
-
-@pytest.mark.parametrize(
-    ("tools", "tool_choice", "param"),
-    [
-        ([{"type": "retrieval"}], None, "tools[0].type"),
-        ([{"type": "function"}], None, "tools[0].function"),
-        ([{"type": "function", "function": {"name": "has space"}}], None, "tools[0].function.name"),
-        ([WEATHER, WEATHER], None, "tools[1].function.name"),
-        (
-            [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
-            None,
-            "tools[0].function.parameters",
-        ),
-        (TOOLS, "sometimes", "tool_choice"),
-        (TOOLS, {"type": "function", "function": {"name": "missing"}}, "tool_choice"),
-        (TOOLS, {"type": "function"}, "tool_choice"),
-        ([], "required", "tool_choice"),
-        (None, {"type": "function", "function": {"name": "get_time"}}, "tool_choice"),
-    ],
-)
-def test_validation_names_the_field(tools: Any, tool_choice: Any, param: str) -> None:
-    with pytest.raises(TemplateError) as e:
-        validate_tools(tools, tool_choice)
-    assert e.value.param == param
-    with pytest.raises(TemplateError):
-        prepare_messages([{"role": "user", "content": "x"}], tools, tool_choice)
-
-
-def test_valid_tool_choices() -> None:
-    for choice in (None, "none", "auto", "required", {"type": "function", "function": {"name": "get_time"}}):
-        validate_tools(TOOLS, choice)
+def test_function_name_rule_is_the_request_schemas() -> None:
+    """One function-name rule: the request schema's pattern for a tool's name is FUNCTION_NAME_RE's."""
+    tool = load_schema()["components"]["schemas"]["Tool"]
+    assert tool["properties"]["function"]["properties"]["name"]["pattern"] == FUNCTION_NAME_RE.pattern
+    assert FUNCTION_NAME_RE.fullmatch("get_weather-2") and not FUNCTION_NAME_RE.fullmatch("a.b")
 
 
 # --- guided decoding ------------------------------------------------------------------------------
@@ -290,12 +224,6 @@ def test_guided_response_format() -> None:
     assert guided_decoding_for(None, None, {"type": "text"}) is None
     assert guided_decoding_for(TOOLS, "auto", None) is None
     assert guided_decoding_for(TOOLS, "none", None) is None
-    with pytest.raises(TemplateError) as e:
-        guided_decoding_for(None, None, {"type": "json_schema", "json_schema": {"schema": {"type": 5}}})
-    assert e.value.param == "response_format.json_schema.schema"
-    with pytest.raises(TemplateError) as e:
-        guided_decoding_for(None, None, {"type": "yaml"})
-    assert e.value.param == "response_format.type"
 
 
 def test_render_tool_calls_accepts_objects_and_strings() -> None:
