@@ -81,7 +81,7 @@ CONTENT = st.one_of(
 
 @given(st.lists(st.fixed_dictionaries({"role": ROLES, "content": CONTENT}), max_size=6), st.booleans())
 def test_prompt_renderer_renders_or_rejects_cleanly(messages: list[dict[str, Any]], images: bool) -> None:
-    """Validation then rendering (the renderer assumes a validated request): a prompt or a 400, never a crash."""
+    """Validation, then rendering (which assumes a validated request): a prompt or a 400, never a crash."""
     try:
         request = parse_chat_request(json.dumps({"messages": messages}).encode(), SETTINGS)
         prompt = render_prompt(request.messages, images, request.tools, request.tool_choice)
