@@ -23,10 +23,6 @@ class KeyChecker:
         keys = [*settings.api_keys, *([settings.api_key] if settings.api_key else [])]
         self._digests = [_digest(k) for k in dict.fromkeys(keys) if k]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
-
     def valid(self, token: str) -> bool:
         given = _digest(token)
         ok = False

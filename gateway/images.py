@@ -1,4 +1,4 @@
-"""Images in chat requests (issue 4): `image_url` parts → validated bytes for the ensemble's `images` input.
+"""Images in chat requests: `image_url` parts → validated bytes for the ensemble's `images` input.
 
 The fetching and SSRF policy live in `gateway/images_fetch.py`; this module maps the gateway settings onto
 that policy, owns the process-wide fetcher and turns fetch failures into 400s naming the part
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.errors import bad_request
 from gateway.images_fetch import ImageFetcher, ImageFetchError, ImageFetchPolicy, image_refs
 from gateway.settings import GatewaySettings
 
@@ -28,14 +29,6 @@ def policy_from_settings(settings: GatewaySettings) -> ImageFetchPolicy:
         max_pixels=settings.images_max_pixels,
         max_images=settings.images_max_per_request,
         allow_list=tuple(settings.images_allow_list),
-    )
-
-
-def has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(
-        isinstance(m.get("content"), list)
-        and any(isinstance(p, Mapping) and p.get("type") == "image_url" for p in m["content"])
-        for m in messages
     )
 
 
@@ -68,7 +61,7 @@ class ImageService:
                 return []
             fetched = await self.fetcher.fetch_all(refs)
         except ImageFetchError as exc:
-            raise exc.as_api_error() from None
+            raise bad_request(exc.message, exc.param, exc.code) from None
         return [image.data for image in fetched]
 
     async def aclose(self) -> None:

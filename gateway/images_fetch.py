@@ -16,17 +16,15 @@ import base64
 import binascii
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from gemma3_core.images import (
-    DEFAULT_MAX_PIXELS,
     MEDIA_TYPES,
     ImageError,
-    image_content_hash,
     probe_image,
     sniff_image_type,
 )
@@ -46,34 +44,33 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class ImageFetchError(Exception):
-    """A client-facing error (HTTP 400) about one image part; `param` names it in OpenAI's style."""
+    """A problem with one image part, worded for the client; `param` names the part in OpenAI's style.
+
+    HTTP-agnostic: the gateway glue (gateway/images.py) answers it with a 400.
+    """
 
     def __init__(self, message: str, param: str | None = None, *, code: str = "invalid_image_url"):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
-        self.status = 400
-
-    def as_api_error(self) -> Any:
-        from gateway.errors import bad_request
-
-        return bad_request(self.message, param=self.param, code=self.code)
 
 
 @dataclass(frozen=True)
 class ImageFetchPolicy:
-    max_bytes: int = 20 * 1024 * 1024
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 10.0
-    total_timeout_s: float = 30.0  # whole fetch incl. redirects: a slow-drip server beats read timeouts
-    max_redirects: int = 3
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_images: int = 16
-    max_concurrency: int = 8
+    """What one fetch may cost; built from the gateway settings (`images_*`, gateway/images.py)."""
+
+    max_bytes: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float  # whole fetch incl. redirects: a slow-drip server beats read timeouts
+    max_pixels: int
+    max_images: int
     # Hosts ("images.internal", "*.corp.example") or IPs/CIDRs ("10.0.0.0/8", "::1") that may be fetched
     # even though they resolve to non-public addresses. Public addresses never need an entry.
-    allow_list: tuple[str, ...] = ()
+    allow_list: tuple[str, ...]
+    max_redirects: int = 3
+    max_concurrency: int = 8
     allow_http: bool = True  # plain http:// (https:// is always allowed)
     user_agent: str = "gemma3-gateway-image-fetch/1"
     _hosts: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -115,7 +112,6 @@ class FetchedImage:
     format: str  # sniffed: png, jpeg, gif, webp, bmp, tiff
     width: int
     height: int
-    content_hash: int  # gemma3_core.images.image_content_hash(data)
     source: str  # "data" or the final URL fetched
 
     @property
@@ -464,17 +460,5 @@ class ImageFetcher:
             format=info.format,
             width=info.width,
             height=info.height,
-            content_hash=image_content_hash(data),
             source=source,
         )
-
-
-async def fetch_images(
-    refs: Iterable[ImageRef],
-    policy: ImageFetchPolicy,
-    *,
-    client: httpx.AsyncClient | None = None,
-) -> list[FetchedImage]:
-    """One-shot convenience: a temporary `ImageFetcher` for these refs."""
-    async with ImageFetcher(policy, client=client) as fetcher:
-        return await fetcher.fetch_all(list(refs))

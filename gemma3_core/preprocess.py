@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -31,7 +31,6 @@ class Prepared:
     pixel_values: np.ndarray | None = None  # float32 [images(+crops), 3, 896, 896]
     extra_ids: np.ndarray | None = None  # uint64 [n]: image content hash on image rows, 0 elsewhere
     num_images: int = 0
-    warnings: list[str] = field(default_factory=list)
 
 
 def prepare_request(
@@ -84,15 +83,10 @@ def prepare_request(
             # e.g. a literal "<image_soft_token>" typed by a user: the engine would read a prompt-table row.
             raise PrepError(f"text_input contains {C.IMAGE_SOFT_TOKEN} without an image")
 
-    total = len(ids) + max_tokens
     if len(ids) >= max_seq_len:
         raise PrepError(f"prompt has {len(ids)} tokens; the context is {max_seq_len} tokens")
-    output_len = max_tokens
-    warnings: list[str] = []
-    if total > max_seq_len:
-        # Like TensorRT-LLM, clamp the budget to what fits rather than failing a long generation late.
-        output_len = max_seq_len - len(ids)
-        warnings.append(f"max_tokens reduced from {max_tokens} to {output_len} to fit the context")
+    # Like TensorRT-LLM, clamp the budget to what fits rather than failing a long generation late.
+    output_len = min(max_tokens, max_seq_len - len(ids))
 
     # <eos> always stops too (the model ends turns with <end_of_turn> and sometimes <eos>).
     default_stop = [i for i in C.DEFAULT_STOP_IDS if i != end]
@@ -106,5 +100,4 @@ def prepare_request(
         pixel_values=pixel_values,
         extra_ids=extra,
         num_images=len(images),
-        warnings=warnings,
     )

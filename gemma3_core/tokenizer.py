@@ -34,7 +34,3 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
 def encode(tok: Tokenizer, text: str) -> list[int]:
     """Token ids of `text` as-is (special-token strings in it are recognised, none are added)."""
     return tok.encode(text, add_special_tokens=False).ids
-
-
-def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]

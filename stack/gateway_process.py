@@ -4,12 +4,13 @@ waiting until it is ready (`make serve`, the test fixtures and the benchmarks al
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -28,16 +29,20 @@ def gateway_env(
     model_id: str,
     max_model_len: int,
     host: str = "127.0.0.1",
+    model_aliases: Sequence[str] = (),
     **extra: str,
 ) -> dict[str, str]:
-    """The process environment plus the gateway settings for one Triton; `extra` adds/overrides settings."""
+    """The process environment plus the gateway settings for one Triton; `extra` adds/overrides settings.
+
+    The names are `GatewaySettings`' (env prefix `GATEWAY_`); `base_url` reads back the address set here.
+    """
     return {
         **os.environ,
         "TRITON_GRPC_URL": grpc_url,
         "GATEWAY_HOST": host,
         "GATEWAY_PORT": str(port),
         "GATEWAY_MODEL_ID": model_id,
-        "GATEWAY_MODEL_ALIASES": "",
+        "GATEWAY_MODEL_ALIASES": json.dumps(list(model_aliases)),
         "GATEWAY_TOKENIZER_DIR": str(tokenizer_dir),
         "GATEWAY_MAX_MODEL_LEN": str(max_model_len),
         **extra,

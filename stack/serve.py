@@ -1,8 +1,8 @@
 """`make serve`: the CPU embedded default — prepare Gemma 3 270M, start Triton, then the gateway.
 
 Prints the URL when both are ready; Ctrl-C (or SIGTERM) stops the gateway first, then Triton.
-Ports: GATEWAY_PORT (8080), GATEWAY_HOST (127.0.0.1), TRITON_GRPC_PORT (8001), TRITON_HTTP_PORT (8000),
-TRITON_METRICS_PORT (8002).
+The gateway's address and names come from its settings (GATEWAY_PORT, GATEWAY_HOST, GATEWAY_MODEL_ID, ...);
+Triton's ports from TRITON_GRPC_PORT (8001), TRITON_HTTP_PORT (8000), TRITON_METRICS_PORT (8002).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from build_engine.cpu import cache_root, prepare, repository_values
 from build_engine.render import render
+from gateway.settings import GatewaySettings
 from gemma3_core import constants as C
 from stack import gateway_process
 from stack.gateway_process import GatewayStartError, gateway_env
@@ -54,16 +55,18 @@ def main() -> int:
             "TRITON_LOG=1 shows its log"
         )
         triton.wait_ready(timeout=600)
-        host = os.environ.get("GATEWAY_HOST", "127.0.0.1")
-        port = int(os.environ.get("GATEWAY_PORT", "8080"))
+        settings = GatewaySettings()
+        # The CPU default serves its own model id and no aliases unless GATEWAY_MODEL_ID /
+        # GATEWAY_MODEL_ALIASES say otherwise (the settings' defaults name the 27B deployment).
+        chosen = settings.model_fields_set
         env = gateway_env(
             grpc_url=triton.grpc_url,
-            port=port,
+            port=settings.port,
             tokenizer_dir=art.tokenizer_dir,
-            model_id=os.environ.get("GATEWAY_MODEL_ID", C.CPU_MODEL_ID),
+            model_id=settings.model_id if "model_id" in chosen else C.CPU_MODEL_ID,
+            model_aliases=settings.model_aliases if "model_aliases" in chosen else [],
             max_model_len=MAX_SEQ_LEN,
-            host=host,
-            GATEWAY_MODEL_ALIASES=os.environ.get("GATEWAY_MODEL_ALIASES", "[]"),
+            host=settings.host,
         )
         gateway = gateway_process.start(env)
         url = gateway_process.base_url(env)

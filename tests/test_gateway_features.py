@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
+from pydantic import ValidationError
 
 from gateway.app import create_app
 from gateway.errors import triton_api_error
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import InputSpec, ModelSpec, TritonError, TritonResponse, build_inputs
+from gemma3_core.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
 from gemma3_core.lora import cache_miss_message, stable_task_id
 from tests.gateway_fakes import AlwaysReadyBackend
 
@@ -249,8 +253,6 @@ async def test_tool_results_rendered() -> None:
 
 # --- images ----------------------------------------------------------------------------------------
 def png(color: tuple[int, int, int] = (1, 2, 3)) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), color).save(buf, format="PNG")
     return buf.getvalue()
@@ -294,6 +296,25 @@ async def test_images_errors() -> None:
     async with client(Engine(), images_enabled=False) as c:
         response = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": image_message(url)})
         assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_content"
+
+
+async def test_image_above_the_preprocessing_pixel_limit_is_a_400() -> None:
+    """The gateway refuses what preprocessing would (a 400 naming the part): no such image reaches Triton."""
+    side = math.isqrt(DEFAULT_MAX_PIXELS) + 1
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")  # a few KB: one bit per pixel, all zero
+    with pytest.raises(ImageError, match="too large"):
+        probe_image(buf.getvalue())  # what preprocessing checks (with its default, the same limit)
+    url = f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+    engine = Engine()
+    async with client(engine) as c:
+        response = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": image_message(url)})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "image_too_large" and error["param"] == "messages[0].content[1].image_url.url"
+    assert engine.calls == []
+    with pytest.raises(ValidationError):  # the gateway may not accept more than preprocessing does
+        GatewaySettings(images_max_pixels=DEFAULT_MAX_PIXELS + 1)
 
 
 def test_images_allow_list_setting(monkeypatch: pytest.MonkeyPatch) -> None:
