@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import model_card, model_not_found
+from gateway.lora_registry import AdapterEntry, LoraRegistry, UnknownAdapterError
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import GenerationBackend, ModelSpec, TritonError, TritonResponse
-from gemma3_core.lora import AdapterEntry, LoraRegistry, UnknownAdapterError, is_cache_miss_error
+from gemma3_core.lora import is_cache_miss_error
 
 log = logging.getLogger("gateway.lora")
 

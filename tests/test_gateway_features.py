@@ -22,10 +22,11 @@ from pydantic import ValidationError
 
 from gateway.app import create_app
 from gateway.errors import triton_api_error
+from gateway.lora_registry import stable_task_id
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import InputSpec, ModelSpec, TritonError, TritonResponse, build_inputs
 from gemma3_core.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
-from gemma3_core.lora import cache_miss_message, stable_task_id
+from gemma3_core.lora import cache_miss_message
 from tests.gateway_fakes import AlwaysReadyBackend
 
 MODEL = "gemma-test"

@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import build_engine.lora_convert as LC  # noqa: E402
+import gateway.lora_registry as R  # noqa: E402
 from gemma3_core import lora as L  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -398,7 +399,7 @@ def test_is_cache_miss_error() -> None:
     assert not L.is_cache_miss_error("")
 
 
-# --- registry ---------------------------------------------------------------------------------------
+# --- the gateway's registry (gateway/lora_registry.py) -------------------------------------------------
 @pytest.fixture()
 def adapters_dir(adapters, tmp_path: Path) -> Path:
     import shutil
@@ -412,12 +413,12 @@ def adapters_dir(adapters, tmp_path: Path) -> Path:
 
 
 def test_registry_ids_and_resolution(adapters_dir: Path) -> None:
-    reg = L.LoraRegistry(adapters_dir)
+    reg = R.LoraRegistry(adapters_dir)
     assert sorted(e.name for e in reg.entries) == ["alpha", "beta"]
     assert (
         reg.get("alpha").task_id
-        == L.stable_task_id("alpha")
-        == L.LoraRegistry(adapters_dir).get("alpha").task_id
+        == R.stable_task_id("alpha")
+        == R.LoraRegistry(adapters_dir).get("alpha").task_id
     )
     assert 0 < reg.get("beta").task_id < 2**63 and reg.get("alpha").task_id != reg.get("beta").task_id
     assert reg.get("beta").rank == 8
@@ -426,19 +427,19 @@ def test_registry_ids_and_resolution(adapters_dir: Path) -> None:
     assert reg.resolve("gemma-3-270m:beta", base_ids).name == "beta"
     assert reg.resolve("gemma-3-270m", base_ids) is None
     for bad in ("gemma-3-270m:nope", "nope", "other:alpha"):
-        with pytest.raises(L.UnknownAdapterError):
+        with pytest.raises(R.UnknownAdapterError):
             reg.resolve(bad, base_ids)
     (adapters_dir / "adapters.json").write_text(json.dumps({"alpha": 7, "beta": {"task_id": 8}}))
-    pinned = L.LoraRegistry(adapters_dir)
+    pinned = R.LoraRegistry(adapters_dir)
     assert (pinned.get("alpha").task_id, pinned.get("beta").task_id) == (7, 8)
     (adapters_dir / "adapters.json").write_text(json.dumps({"alpha": 7, "beta": 7}))
     with pytest.raises(L.LoraError, match="share task id"):
-        L.LoraRegistry(adapters_dir)
+        R.LoraRegistry(adapters_dir)
 
 
 def test_registry_send_state_and_cache(adapters_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    reg = L.LoraRegistry(adapters_dir, cache_dir=cache)
+    reg = R.LoraRegistry(adapters_dir, cache_dir=cache)
     first = reg.request_inputs("alpha")
     assert first["lora_task_id"].dtype == np.uint64 and first["lora_task_id"].shape == (1, 1)
     assert first["lora_weights"].dtype == np.float16 and first["lora_weights"].ndim == 3
@@ -458,19 +459,19 @@ def test_registry_send_state_and_cache(adapters_dir: Path, tmp_path: Path) -> No
     # The disk cache is reused by a fresh registry (gateway restart) and matches a direct conversion.
     files = sorted(cache.rglob("*.npy"))
     assert len(files) == 2
-    w, c = L.LoraRegistry(adapters_dir, cache_dir=cache).tensors("alpha")
+    w, c = R.LoraRegistry(adapters_dir, cache_dir=cache).tensors("alpha")
     np.testing.assert_array_equal(w, first["lora_weights"])
     np.testing.assert_array_equal(c, first["lora_config"])
-    with pytest.raises(L.UnknownAdapterError):
+    with pytest.raises(R.UnknownAdapterError):
         reg.request_inputs("missing")
 
 
 def test_registry_limits(adapters_dir: Path) -> None:
     with pytest.raises(L.LoraError, match="max_lora_rank"):
-        L.LoraRegistry(adapters_dir, max_rank=4)
-    lenient = L.LoraRegistry(adapters_dir, max_rank=4, strict=False)
+        R.LoraRegistry(adapters_dir, max_rank=4)
+    lenient = R.LoraRegistry(adapters_dir, max_rank=4, strict=False)
     assert [e.name for e in lenient.entries] == ["alpha"]
-    only_attn = L.LoraRegistry(adapters_dir, allowed_modules=["attn_q", "attn_k", "attn_v", "attn_dense"])
+    only_attn = R.LoraRegistry(adapters_dir, allowed_modules=["attn_q", "attn_k", "attn_v", "attn_dense"])
     with pytest.raises(L.LoraError, match="not enabled"):
         only_attn.tensors("alpha")
 
