@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -17,69 +17,23 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import TritonError, TritonResponse
 from gemma3_core.chat_template import render_chat
-from tests.gateway_fakes import AlwaysReadyBackend
-
-MODEL = "gemma-test"
-USER = [{"role": "user", "content": "hi"}]
-PROMPT_TOKENS = 7
-
-Script = Callable[[int, dict[str, Any]], Iterable[TritonResponse | Exception]]
-
-
-def tok(text: str | bytes, n_out: int = 1, final: bool = False) -> TritonResponse:
-    data = text.encode() if isinstance(text, str) else text
-    return TritonResponse(data, PROMPT_TOKENS, n_out, final)
-
-
-END = TritonResponse(b"", PROMPT_TOKENS, 0, True)
-
-
-def words(*pieces: str) -> Script:
-    return lambda index, values: [*(tok(p) for p in pieces), END]
-
-
-class Scripted(AlwaysReadyBackend):
-    """Yields scripted responses per choice; records calls and which streams were closed."""
-
-    url = "scripted:0"
-
-    def __init__(self, script: Script, delay: float | Callable[[int], float] = 0.0) -> None:
-        self.script = script
-        self.delay = delay
-        self.calls: list[tuple[str, dict[str, Any], str]] = []
-        self.closed: list[str] = []
-        self.completed: list[str] = []
-
-    async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
-        self.calls.append((prompt, dict(values), request_id))
-        index = int(request_id.rsplit("-", 1)[1])
-        delay = self.delay(index) if callable(self.delay) else self.delay
-        try:
-            for item in self.script(index, dict(values)):
-                await asyncio.sleep(delay)
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.final:
-                    self.completed.append(request_id)
-        finally:
-            self.closed.append(request_id)
+from tests.fixtures.asgi import asgi_client
+from tests.fixtures.backends import (
+    END,
+    MODEL,
+    PROMPT_TOKENS,
+    USER,
+    Script,
+    Scripted,
+    endless_script,
+    tok,
+    words,
+)
+from tests.fixtures.sse import parse as sse_events
 
 
 def make_client(backend: Scripted, **settings: Any) -> httpx.AsyncClient:
-    app = create_app(GatewaySettings(model_id=MODEL, **settings), backend=backend)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30)
-
-
-def sse_events(text: str) -> list[Any]:
-    """Parse an SSE body strictly: only `data:` events separated by blank lines."""
-    assert text.endswith("\n\n")
-    events: list[Any] = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block[len("data: ") :]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
+    return asgi_client(create_app(GatewaySettings(model_id=MODEL, **settings), backend=backend))
 
 
 def check_stream(events: list[Any], n: int, include_usage: bool) -> dict[int, str]:
@@ -307,10 +261,6 @@ class Served:
         self.server.should_exit = True
         assert self.task is not None
         await self.task
-
-
-def endless_script(i: int, v: dict[str, Any]) -> Iterable[TritonResponse]:
-    return (tok("tick ") for _ in itertools.count())
 
 
 async def _wait_closed(backend: Scripted, count: int) -> None:
