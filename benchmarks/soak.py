@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -189,46 +191,58 @@ def stack(
         triton.stop()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SoakPlan:
+    """One soak run: the engine behind the gateway, its admission limits, the bursts and the long soak."""
+
+    engine: Literal["double", "real"] = "double"
+    clients: int = 64
+    rounds: int = 5
+    max_concurrent: int = 24
+    max_queued: int = 16
+    max_tokens: int = 64
+    token_interval_us: int = 5000  # the double's pace
+    requests: int = 10_000
+    concurrency: int = 16
+    soak_max_tokens: int = 8
+
+
+def run(plan: SoakPlan) -> dict[str, Any]:
     settings = {
-        "GATEWAY_MAX_CONCURRENT_REQUESTS": str(args.max_concurrent),
-        "GATEWAY_MAX_QUEUED_REQUESTS": str(args.max_queued),
+        "GATEWAY_MAX_CONCURRENT_REQUESTS": str(plan.max_concurrent),
+        "GATEWAY_MAX_QUEUED_REQUESTS": str(plan.max_queued),
         "GATEWAY_QUEUE_TIMEOUT_S": "300",
     }
     with (
         tempfile.TemporaryDirectory(prefix="soak-") as tmp,
-        stack(args.engine, Path(tmp), settings, args.token_interval_us) as (url, pid, model),
+        stack(plan.engine, Path(tmp), settings, plan.token_interval_us) as (url, pid, model),
     ):
         result: dict[str, Any] = {
             "engine": "FAST ENGINE TEST DOUBLE"
-            if args.engine == "double"
+            if plan.engine == "double"
             else "CPU reference engine (Gemma 3 270M)",
-            "max_concurrent": args.max_concurrent,
-            "max_queued": args.max_queued,
-            "max_tokens": args.max_tokens,
+            "max_concurrent": plan.max_concurrent,
+            "max_queued": plan.max_queued,
+            "max_tokens": plan.max_tokens,
         }
-        if args.rounds:
-            result["load"] = asyncio.run(load(url, model, args.clients, args.rounds, args.max_tokens))
-        if args.requests:
+        if plan.rounds:
+            result["load"] = asyncio.run(load(url, model, plan.clients, plan.rounds, plan.max_tokens))
+        if plan.requests:
             result["soak"] = asyncio.run(
-                soak(url, model, pid, args.requests, args.concurrency, args.soak_max_tokens)
+                soak(url, model, pid, plan.requests, plan.concurrency, plan.soak_max_tokens)
             )
         return result
 
 
 def main(argv: list[str] | None = None) -> int:
+    default = SoakPlan()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=["double", "real"], default="double")
-    p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--max-concurrent", type=int, default=24)
-    p.add_argument("--max-queued", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--token-interval-us", type=int, default=5000, help="the double's pace")
-    p.add_argument("--requests", type=int, default=10_000)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--soak-max-tokens", type=int, default=8)
-    result = run(p.parse_args(argv))
+    p.add_argument("--engine", choices=["double", "real"], default=default.engine)
+    for field in dataclasses.fields(SoakPlan):
+        if field.name != "engine":
+            flag = "--" + field.name.replace("_", "-")
+            p.add_argument(flag, type=int, default=getattr(default, field.name))
+    result = run(SoakPlan(**vars(p.parse_args(argv))))
     print(json.dumps(result, indent=2))
     failures = result.get("load", {}).get("failures", []) + result.get("soak", {}).get("failures", [])
     return 1 if failures else 0

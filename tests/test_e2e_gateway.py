@@ -23,6 +23,7 @@ import pytest
 
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import CARD_MULTIMODAL, GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.sse import parse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,17 +38,6 @@ def local_only(gateway: GatewayTarget) -> Any:
     if gateway.external or gateway.triton is None:
         pytest.skip("needs the local Triton started by the test session")
     return gateway.triton
-
-
-def sse_events(text: str) -> list[Any]:
-    events = []
-    for block in text.split("\n\n"):
-        if not block.strip():
-            continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: ") :]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 def stream_texts(events: list[Any], n: int = 1, include_usage: bool = False) -> dict[int, str]:
@@ -149,7 +139,7 @@ def test_n_choices_stream_interleaved(gateway: GatewayTarget, http: httpx.Client
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    events = sse_events(http.post("/v1/chat/completions", json=body).text)
+    events = parse(http.post("/v1/chat/completions", json=body).text, strict=False)
     texts = stream_texts(events, n=3, include_usage=True)
     usage = events[-2]["usage"]
     assert usage["completion_tokens"] <= 30 and usage["prompt_tokens"] > 0
@@ -204,7 +194,7 @@ def test_model_card_curl_example(gateway: GatewayTarget) -> None:
     if gateway.api_key:
         args[2:2] = ["-H", f"Authorization: Bearer {gateway.api_key}"]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=620).stdout
-    assert stream_texts(sse_events(out))[0]
+    assert stream_texts(parse(out, strict=False))[0]
 
 
 def test_model_card_multimodal_example_is_not_a_server_error(
@@ -214,7 +204,7 @@ def test_model_card_multimodal_example_is_not_a_server_error(
     response = http.post("/v1/chat/completions", json=body)
     # Images may be disabled (400) or the URL unreachable from this machine (4xx); never a 5xx.
     if response.status_code == 200:
-        stream_texts(sse_events(response.text))
+        stream_texts(parse(response.text, strict=False))
     else:
         assert 400 <= response.status_code < 500, response.text
         assert response.json()["error"]["param"].startswith("messages[1].content")
@@ -227,7 +217,7 @@ def test_sse_wire_format(gateway: GatewayTarget, http: httpx.Client) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = b"".join(response.iter_bytes()).decode()
     assert raw.endswith("data: [DONE]\n\n")
-    events = sse_events(raw)
+    events = parse(raw, strict=False)
     stream_texts(events)
     assert all("usage" not in e for e in events[:-1])
 

@@ -22,6 +22,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.fixtures.sse import parse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -151,18 +152,12 @@ def expected_text(n_responses: int) -> str:
     return (PIECE * (n_responses // 4 + 2))[: 3 * n_responses].decode("utf-8", errors="replace")
 
 
-def sse(text: str) -> list[Any]:
-    blocks = [b for b in text.split("\n\n") if b]
-    assert all(b.startswith("data: ") for b in blocks)
-    return [b[6:] if b[6:] == "[DONE]" else json.loads(b[6:]) for b in blocks]
-
-
 async def test_completion_through_real_triton(gateway: str) -> None:
     async with httpx.AsyncClient(base_url=gateway, timeout=60) as client:
         assert (await client.get("/health/ready")).status_code == 200
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "n": 2, "seed": 9}
         plain = (await client.post("/v1/chat/completions", json=body)).json()
-        events = sse((await client.post("/v1/chat/completions", json={**body, "stream": True})).text)
+        events = parse((await client.post("/v1/chat/completions", json={**body, "stream": True})).text)
     assert [c["message"]["content"] for c in plain["choices"]] == [expected_text(12)] * 2
     assert [c["finish_reason"] for c in plain["choices"]] == ["length", "length"]
     assert plain["usage"]["completion_tokens"] == 24 and plain["usage"]["prompt_tokens"] > 0

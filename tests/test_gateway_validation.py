@@ -18,7 +18,8 @@ from gateway.errors import APIError
 from gateway.settings import GatewaySettings
 from gateway.triton_stream import TritonResponse
 from gateway.validation import parse_chat_request
-from tests.gateway_fakes import AlwaysReadyBackend
+from tests.fixtures.asgi import asgi_client
+from tests.fixtures.backends import AlwaysReadyBackend
 
 MODEL = "gemma-test"
 USER = [{"role": "user", "content": "hi"}]
@@ -64,7 +65,7 @@ def _settings(**overrides: Any) -> GatewaySettings:
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(_settings(max_request_bytes=64 * 1024), backend=NoTriton(), tokenizer=CharTokenizer())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with asgi_client(app) as c:
         yield c
 
 
@@ -464,7 +465,7 @@ async def test_openapi_documents_the_request_body(client: httpx.AsyncClient) -> 
 
 async def test_api_key() -> None:
     app = create_app(_settings(api_key="sekret"), backend=NoTriton())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with asgi_client(app) as c:
         denied = await c.post("/v1/chat/completions", json=body())
         assert denied.status_code == 401
         assert denied.json()["error"]["code"] == "invalid_api_key"
@@ -484,7 +485,7 @@ async def test_triton_unreachable_is_503() -> None:
         port = s.getsockname()[1]
     app = create_app(_settings(triton_grpc_url=f"127.0.0.1:{port}", triton_probe_timeout_s=2.0))
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        async with asgi_client(app) as c:
             for stream in (False, True):
                 response = await c.post("/v1/chat/completions", json=body(stream=stream), timeout=20)
                 assert response.status_code == 503, response.text

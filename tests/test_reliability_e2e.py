@@ -9,26 +9,19 @@ The gateway runs in-process (uvicorn) in front of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import glob
 import json
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
-from build_engine import fast_double
-from build_engine.cpu import CpuArtifacts, cache_root, repository_values
-from build_engine.render import render, values_for
+from build_engine.cpu import CpuArtifacts, cache_root
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.fixtures.double import DoubleTriton, run_double
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,69 +29,6 @@ MODEL = "gemma-3-270m"
 CLIENTS = 64
 MAX_CONCURRENT = 24
 MAX_QUEUED = 16
-
-
-@dataclass
-class DoubleTriton:
-    repo: Path
-    ports: Any
-    process: Any = None
-
-    def start(self) -> None:
-        from stack.triton_launcher import start
-
-        self.process = start(self.repo, ports=self.ports)
-        self.process.wait_ready(180)
-
-    def kill(self) -> None:
-        """SIGKILL tritonserver and its backend stubs (its own process group), as a crash would."""
-        proc = self.process.proc
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        # A crashed server leaves its Python-backend shm regions behind; the restart reuses the prefix.
-        for path in glob.glob(f"/dev/shm/gemma3tr{os.getpid()}x{self.ports.grpc}_*"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
-    def pending(self) -> list[float]:
-        text = httpx.get(self.ports.metrics_url, timeout=5).text
-        return [
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("nv_inference_pending_request_count{")
-        ]
-
-
-@contextlib.contextmanager
-def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
-    """A tritonserver with the ensemble around the fast engine double (skips where it cannot run)."""
-    art = CpuArtifacts(cache_root())
-    if not (art.tokenizer_dir / "tokenizer.json").exists():
-        pytest.skip(f"CPU artifacts not prepared at {art.root} (run `python -m build_engine cpu`)")
-    from stack.triton_launcher import LauncherError, TritonPorts
-
-    values = {
-        **repository_values(art, max_batch_size=64, max_seq_len=512),
-        **fast_double.values(token_interval_us),
-    }
-    repo = root / "model_repository"
-    render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
-    server = DoubleTriton(repo, TritonPorts.free())
-    try:
-        server.start()
-    except LauncherError as exc:
-        pytest.skip(f"tritonserver cannot run here: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

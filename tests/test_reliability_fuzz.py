@@ -20,9 +20,10 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from build_engine.cpu import CpuArtifacts, cache_root  # noqa: E402
+from gemma3_core import constants as C  # noqa: E402
 from stack.triton_launcher import free_port  # noqa: E402
+from tests.fixtures.double import run_double  # noqa: E402
 from tests.fixtures.gateway import gateway_env, run_gateway  # noqa: E402
-from tests.test_reliability_e2e import MODEL, run_double  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -38,7 +39,7 @@ def fuzz_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with run_double(root, token_interval_us=0) as double:
         triton = SimpleNamespace(
             grpc_url=double.ports.grpc_url,
-            model_id=MODEL,
+            model_id=C.CPU_MODEL_ID,
             tokenizer_dir=CpuArtifacts(cache_root()).tokenizer_dir,
             max_model_len=512,
         )

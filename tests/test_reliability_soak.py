@@ -5,7 +5,6 @@ DOUBLE; the gateway's RSS must stay flat after warm-up and every stream must end
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def test_soak_reduced() -> None:
 
     if not (CpuArtifacts(cache_root()).tokenizer_dir / "tokenizer.json").exists():
         pytest.skip("CPU artifacts not prepared (run `python -m build_engine cpu`)")
-    args = argparse.Namespace(
+    plan = soak.SoakPlan(
         engine="double",
         clients=64,
         rounds=1,
@@ -36,7 +35,7 @@ def test_soak_reduced() -> None:
         soak_max_tokens=8,
         token_interval_us=5000,
     )
-    result = soak.run(args)
+    result = soak.run(plan)
     print(f"\n[soak] {result}")
     load, run = result["load"], result["soak"]
     assert not load["failures"] and not run["failures"]

@@ -1,8 +1,8 @@
-"""Pure units of the gateway: sampling policies, Triton tensors and responses, stop strings, SSE."""
+"""Triton tensors and responses (gateway/triton_stream.py): inputs the deployed config declares, parsed
+results (text or engine ids), requested outputs."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -10,10 +10,7 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from gateway.sampling import UINT64_MOD, resolve_sampling
-from gateway.settings import GatewaySettings
-from gateway.sse import DONE, ChunkFactory, encode_event
-from gateway.stop_strings import StopMatcher
+from gateway.sampling import UINT64_MOD
 from gateway.triton_stream import (
     ID_OUTPUTS,
     InputSpec,
@@ -23,65 +20,7 @@ from gateway.triton_stream import (
     parse_result,
     requested_outputs,
 )
-from gateway.validation import ChatRequest
 
-SETTINGS = GatewaySettings(model_id="m", default_temperature=1.0, default_top_p=0.95, default_top_k=64)
-
-
-def request(**fields: Any) -> ChatRequest:
-    return ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], **fields)
-
-
-# --- sampling --------------------------------------------------------------------------------------------
-def test_defaults_come_from_settings() -> None:
-    params = resolve_sampling(request(), SETTINGS, max_tokens=16)
-    assert (params.temperature, params.top_p, params.top_k, params.greedy) == (1.0, 0.95, 64, False)
-    values = params.triton_inputs(0)
-    assert values["max_tokens"] == 16
-    assert "presence_penalty" not in values and "stop_words" not in values
-    assert 0 <= values["seed"] < UINT64_MOD
-
-
-@pytest.mark.parametrize(
-    "fields", [{"temperature": 0.0}, {"temperature": 1e-7}, {"top_p": 0.0}, {"top_k": 1, "temperature": 0.8}]
-)
-def test_greedy_policy(fields: dict[str, Any]) -> None:
-    params = resolve_sampling(request(**fields), SETTINGS, max_tokens=8)
-    assert params.greedy
-    assert (params.temperature, params.top_p, params.top_k) == (1.0, 1.0, 1)
-
-
-def test_explicit_values_and_top_k_disable() -> None:
-    params = resolve_sampling(
-        request(
-            temperature=0.7,
-            top_p=0.5,
-            top_k=-1,
-            presence_penalty=0.5,
-            frequency_penalty=-1.0,
-            repetition_penalty=1.1,
-            stop=["END", "\n\n"],
-        ),
-        SETTINGS,
-        max_tokens=32,
-    )
-    values = params.triton_inputs(0)
-    assert values["temperature"] == 0.7 and values["top_p"] == 0.5 and values["top_k"] == 0
-    assert values["presence_penalty"] == 0.5 and values["frequency_penalty"] == -1.0
-    assert values["repetition_penalty"] == 1.1
-    assert values["stop_words"] == ["END", "\n\n"]
-
-
-def test_seeds_per_choice() -> None:
-    seeded = resolve_sampling(request(seed=41, n=3), SETTINGS, max_tokens=4)
-    assert [seeded.triton_inputs(i)["seed"] for i in range(3)] == [41, 42, 43]
-    wrapped = resolve_sampling(request(seed=-1, n=2), SETTINGS, max_tokens=4)
-    assert [wrapped.triton_inputs(i)["seed"] for i in range(2)] == [UINT64_MOD - 1, 0]
-    unseeded = resolve_sampling(request(n=4), SETTINGS, max_tokens=4)
-    assert len({unseeded.triton_inputs(i)["seed"] for i in range(4)}) == 4
-
-
-# --- Triton tensors ------------------------------------------------------------------------------------
 FULL_SPEC = ModelSpec(
     inputs={
         "text_input": InputSpec("text_input", "BYTES", False),
@@ -210,67 +149,3 @@ def test_requested_outputs_are_those_the_model_declares() -> None:
     names = [o.name() for o in requested_outputs(ID_OUTPUTS, declared) or []]
     assert names == ["output_ids", "num_output_tokens"]
     assert requested_outputs(ID_OUTPUTS, frozenset()) is None  # unknown config: ask for everything
-
-
-# --- stop strings --------------------------------------------------------------------------------------
-def test_stop_matcher_holds_back_partial_stops() -> None:
-    m = StopMatcher(["END"])
-    assert m.feed("Hello E") == "Hello "  # "E" might start "END"
-    assert m.feed("N") == ""
-    assert m.feed("Dgame") == ""
-    assert m.stopped
-
-
-def test_stop_matcher_releases_false_alarms_and_flushes() -> None:
-    m = StopMatcher(["END", "\n\n"])
-    assert m.feed("EN") == ""
-    assert m.feed("x") == "ENx"
-    assert m.feed("a\n") == "a"
-    assert m.flush() == "\n"
-    assert not m.stopped
-
-
-def test_stop_matcher_earliest_stop_wins() -> None:
-    m = StopMatcher(["world", "o"])
-    assert m.feed("hello world") == "hell"
-
-
-def test_stop_matcher_without_stops_is_transparent() -> None:
-    m = StopMatcher([])
-    assert m.feed("abc") == "abc" and m.flush() == ""
-
-
-# --- SSE -----------------------------------------------------------------------------------------------
-def test_sse_chunks() -> None:
-    factory = ChunkFactory("chatcmpl-1", 123, "m", include_usage=False)
-    role = factory.role(0)
-    assert role.startswith(b"data: ") and role.endswith(b"\n\n")
-    chunk = json.loads(role[len(b"data: ") :])
-    assert chunk == {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 123,
-        "model": "m",
-        "choices": [
-            {
-                "index": 0,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-        ],
-    }
-    content = json.loads(factory.content(1, "é\n")[6:])
-    assert content["choices"][0]["delta"] == {"content": "é\n"} and content["choices"][0]["index"] == 1
-    finish = json.loads(factory.finish(0, "length")[6:])
-    assert finish["choices"][0]["finish_reason"] == "length" and finish["choices"][0]["delta"] == {}
-    assert DONE == b"data: [DONE]\n\n"
-    assert "é".encode() in factory.content(0, "é")  # UTF-8 on the wire, not \u escapes
-
-
-def test_sse_usage_only_with_include_usage() -> None:
-    factory = ChunkFactory("c", 1, "m", include_usage=True)
-    assert json.loads(factory.content(0, "x")[6:])["usage"] is None
-    usage = json.loads(factory.usage({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})[6:])
-    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
-    assert encode_event({"error": {"message": "x"}}) == b'data: {"error":{"message":"x"}}\n\n'
