@@ -84,6 +84,11 @@ class GatewayState:
             self._chat = ChatService(self.settings, self.backend, self.metrics, loader, lora=self.lora)
         return self._chat
 
+    async def aclose(self) -> None:
+        await self.backend.close()
+        if self._chat is not None:
+            await self._chat.aclose()  # the image fetcher's HTTP client
+
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, read once with a size cap (413 beyond it)."""
@@ -135,9 +140,7 @@ def create_app(
         try:
             yield
         finally:
-            await state.backend.close()
-            if state._chat is not None:
-                await state._chat.aclose()  # the image fetcher's HTTP client
+            await state.aclose()
 
     app = FastAPI(
         title="Gemma 3 OpenAI-compatible gateway",
