@@ -28,6 +28,7 @@ import tomllib
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from build_engine.gpu import pipeline
 from build_engine.gpu.settings import PROFILES, TRITON_IMAGE, TRITON_IMAGE_TAG, settings_from_env
 from build_engine.render import TARGET_MODELS
 from gateway.app import create_app
@@ -343,6 +344,16 @@ def test_triton_runs_what_compose_runs(overlay: str) -> None:
     # The repository path is where the build writes it (build_engine owns that layout).
     settings = settings_from_env(env)
     assert f"--model-repository={settings.repository_dir}" in expected
+    # Like compose's depends_on on the builder: the pod waits for the build's last stage.
+    assert pipeline.ALL[-1] == "repository"
+    (wait,) = [
+        c
+        for c in pod_spec(one(docs, "Deployment", "triton"))["initContainers"]
+        if c["name"] == "wait-for-engines"
+    ]
+    assert expand(wait["command"][-1], environment(docs, wait)) == str(
+        settings.repository_dir / "ensemble" / "config.pbtxt"
+    )
     # Every variable compose gives Triton, with compose's default unless the overlay is about changing it.
     changed = {"gpu": {}, "gpu-tp2": {"TRTLLM_ORCHESTRATOR": "1"}}[overlay]
     for name, value in c["environment"].items():
@@ -593,12 +604,12 @@ def test_trtllm_rules_on_the_backend_gauges(tmp_path: Path) -> None:
         "triton-a": {"waiting": 3, "active": 8, "max": 8},
         "triton-b": {"waiting": 0, "active": 2, "max": 8},
     }
+    gauge = {"model": "tensorrt_llm", "version": "1"}
     series = [
         {
-            "series": "nv_trt_llm_request_metrics{%s}"
-            % labels_text(
-                {"namespace": "ns", "pod": pod, "model": "tensorrt_llm", "version": "1", "request_type": kind}
-            ),
+            "series": "nv_trt_llm_request_metrics{"
+            + labels_text({"namespace": "ns", "pod": pod, **gauge, "request_type": kind})
+            + "}",
             "values": f"{value} {value}",
         }
         for pod, values in pods.items()
@@ -647,17 +658,17 @@ def scrape(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 @pytest.fixture(scope="module")
-def double_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def double_triton(cpu_artifacts: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real tritonserver with the ensemble around the fast engine TEST DOUBLE (no weights to load)."""
     from build_engine import fast_double
-    from build_engine.cpu import CpuArtifacts, cache_root, repository_values
+    from build_engine.cpu import repository_values
     from build_engine.render import render, values_for
     from stack.triton_launcher import TritonPorts, start
 
-    art = CpuArtifacts(cache_root())
-    if not (art.tokenizer_dir / "tokenizer.json").exists():
-        pytest.fail(f"CPU artifacts not prepared at {art.root}: run `python -m build_engine cpu`")
-    values = {**repository_values(art, max_batch_size=8, max_seq_len=256), **fast_double.values(2000)}
+    values = {
+        **repository_values(cpu_artifacts, max_batch_size=8, max_seq_len=256),
+        **fast_double.values(2000),
+    }
     repo = tmp_path_factory.mktemp("k8s_rules") / "model_repository"
     render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
     proc = start(repo, ports=TritonPorts.free())
