@@ -423,6 +423,28 @@ def test_build_job_runs_what_compose_runs(overlay: str) -> None:
     assert claims == triton_claims == {one(docs, "PersistentVolumeClaim", "engines")["metadata"]["name"]}
 
 
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gateway_settings_match_compose(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateways get compose's settings, except the Triton address (the headless Service, checked above)
+    and the keys (a Secret instead of GATEWAY_API_KEY in the environment)."""
+    docs = rendered(overlay)
+    gateway = container(one(docs, "Deployment", "gateway"), "gateway")
+    env = environment(docs, gateway)
+    engine = next(
+        d["data"]
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("engine-config")
+    )
+    for name, value in compose()["services"]["gateway"]["environment"].items():
+        if name in ("TRITON_GRPC_URL", "GATEWAY_API_KEY"):
+            continue
+        assert env[name] == compose_default(str(value), {"MODEL_ID": engine["MODEL_ID"]}), name
+    assert {"secretRef": {"name": "gateway-api-keys"}} in gateway["envFrom"]
+    # The Secret's key (docs/scale.md) is a variable the gateway reads.
+    monkeypatch.setenv("GATEWAY_API_KEYS", "key-1,key-2")
+    assert GatewaySettings().api_keys == ["key-1", "key-2"]
+
+
 # --- security, disruption, resources -----------------------------------------------------------------------
 
 
@@ -511,6 +533,8 @@ def test_ingress_keeps_long_streams_open() -> None:
     assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     for key in ("proxy-read-timeout", "proxy-send-timeout"):
         assert int(notes[f"nginx.ingress.kubernetes.io/{key}"]) >= timeout
+    body = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert body.endswith("m") and int(body[:-1]) * 2**20 >= GatewaySettings().max_request_bytes
 
 
 # --- autoscaling: HPA <- adapter <- recording rule ----------------------------------------------------------
