@@ -766,3 +766,18 @@ def test_queue_compute_rule_on_two_real_scrapes(double_triton: Any, tmp_path: Pa
     # And the check can fail: a value 1 % off is rejected.
     with pytest.raises(AssertionError):
         run_promtool_test(tmp_path, rules, series, within(expected * 1.01))
+
+
+@pytest.mark.e2e
+def test_gateway_client_accepts_a_dns_target(double_triton: Any) -> None:
+    """The `dns:///name:port` form the manifests give TRITON_GRPC_URL works with the gateway's own client."""
+    from gateway.triton_stream import TritonStreamClient
+
+    async def probe() -> tuple[bool, str]:
+        client = TritonStreamClient(f"dns:///localhost:{double_triton.ports.grpc}", "ensemble")
+        try:
+            return await client.ready()
+        finally:
+            await client.close()
+
+    assert asyncio.run(probe()) == (True, "ready")
