@@ -20,16 +20,20 @@ help:
 	@echo "make lint    - ruff"
 
 # Debian packages the stack needs; installed when missing and we are root (CI, containers). g++ builds the
-# native engine test double (benchmarks and its tests; build_engine/fast_double.py).
+# native engine test double (benchmarks and its tests; build_engine/fast_double.py). prometheus brings
+# promtool, which runs the Kubernetes recording rules in tests/test_k8s_manifests.py; where systemd runs,
+# the Prometheus server the package enables is stopped again (only the tool is wanted).
 system-deps:
 	@missing=""; \
 	[ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || [ -e /usr/local/lib/libpython3.11.so.1.0 ] || missing="$$missing libpython3.11"; \
 	$(PYTHON_SYS) -c "import ensurepip, venv" 2>/dev/null || missing="$$missing python3.11-venv"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v g++ >/dev/null || missing="$$missing g++"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || echo "warning: apt-get failed for$$missing"; \
+	    case "$$missing" in *prometheus*) [ -d /run/systemd/system ] && systemctl disable --now prometheus >/dev/null 2>&1 || true;; esac; \
 	  else echo "warning: missing Debian packages:$$missing (apt-get install them)"; fi; \
 	fi
 
