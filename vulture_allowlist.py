@@ -19,6 +19,9 @@ _.q_norm
 _.k_norm
 _.embed_tokens
 
+# trtllm-build --model_cls_file build_engine/gpu/rope.py --model_cls_name loads this class by name.
+_.Gemma3GlobalRopeScalingForCausalLM
+
 # transformers reads these from the model, its config, generation config and tokenizer.
 _.hf_quantizer
 _.eos_token_id
