@@ -9,6 +9,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell md5sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
+# What `make lint` type-checks and scans for dead code (packages that do not exist are skipped, so the list can
+# name a package before it lands); pyproject.toml says how strictly each is checked.
+LINT_PACKAGES := $(wildcard gateway gemma3_core triton_io cpu_engine build_engine stack benchmarks)
 
 .PHONY: help serve test test-e2e bench lint format system-deps clean
 
@@ -17,7 +20,7 @@ help:
 	@echo "make test    - install and run the test suite"
 	@echo "make test-e2e E2E_BASE_URL=http://host:8080 - run the end-to-end suite against a deployment"
 	@echo "make bench   - benchmarks (writes docs/benchmarks.md)"
-	@echo "make lint    - ruff"
+	@echo "make lint    - ruff (check + format), mypy, vulture (dead code)"
 
 # Debian packages the stack needs; installed when missing and we are root (CI, containers). g++ builds the
 # native engine test double (benchmarks and its tests; build_engine/fast_double.py). prometheus brings
@@ -60,11 +63,17 @@ bench: system-deps $(STAMP)  ## ~5 min on 2 cores; perf_analyzer etc. go into .v
 	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libb64.so.0d && apt-get install -y -qq libb64-0d >/dev/null || true
 	$(PY) -m benchmarks.run_all
 
-lint: $(STAMP)
-	$(PY) -m ruff check .
+# Every check runs, so one report shows all findings; fails if any failed. system-deps: a fresh machine needs
+# python3.11-venv before the virtualenv can be made.
+lint: system-deps $(STAMP)
+	@rc=0; \
+	for check in "ruff check ." "ruff format --check ." "mypy $(LINT_PACKAGES)" \
+	  "vulture $(LINT_PACKAGES) model_repository tests vulture_allowlist.py"; do \
+	  echo "$(PY) -m $$check"; $(PY) -m $$check || rc=1; \
+	done; exit $$rc
 
 format: $(STAMP)
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf build .pytest_cache .ruff_cache
+	rm -rf build .pytest_cache .ruff_cache .mypy_cache

@@ -52,8 +52,10 @@ def fmt(v: Any, nd: int = 1) -> str:
     return str(v)
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+def throughput_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    """Output tokens/s of run `a` over run `b`; None when either run is missing or measured nothing."""
+    num, den = (r["tokens_per_s"] if r else None for r in (a, b))
+    return num / den if num and den else None
 
 
 def status(ok: bool | None) -> str:
@@ -185,13 +187,13 @@ def main(results_path: str, md_path: str) -> int:
     impl = res.get("fast_double_implementation", "python")
     py_runs = res.get("fast_double_max_python", {}).get("runs", [])
     py_eng, py_gw = run(py_runs, "engine", 32), run(py_runs, "gateway", 32)
-    thr = ratio(gw_paced and gw_paced["tokens_per_s"], ens_paced and ens_paced["tokens_per_s"])
-    thr_sat = ratio(gw_sat and gw_sat["tokens_per_s"], ens_sat and ens_sat["tokens_per_s"])
+    thr = throughput_ratio(gw_paced, ens_paced)
+    thr_sat = throughput_ratio(gw_sat, ens_sat)
     g1, e1 = run(paced, "gateway", 1), run(paced, "ensemble", 1)
     ttft_added = (g1["ttft_p50_ms"] - e1["ttft_p50_ms"]) if g1 and e1 else None
     rg1, re1 = run(real, "gateway", 1), run(real, "ensemble", 1)
-    real_ratio = ratio(rg1 and rg1["tokens_per_s"], bare and bare["tokens_per_s"])
-    real_ens_ratio = ratio(re1 and re1["tokens_per_s"], bare and bare["tokens_per_s"])
+    real_ratio = throughput_ratio(rg1, bare)
+    real_ens_ratio = throughput_ratio(re1, bare)
     post_cost = cpu(ens_sat, "postprocessing") + cpu(ens_sat, "tritonserver") - cpu(ids_sat, "tritonserver")
     # The least any Python consumer of Triton's one-message-per-token stream pays: tritonserver's side plus a
     # bare grpc.aio client (benchmarks/grpc_floor.py).

@@ -146,12 +146,12 @@ def serve(repo: Path, name: str, tokenizer_dir: str, engine_threads: int) -> Ite
     triton_log = (logs / f"{name}.tritonserver.log").open("w")
     os.environ["REFERENCE_ENGINE_THREADS"] = str(engine_threads)
     ports = TritonPorts.free()
-    triton = start(
-        repo,
-        ports=ports,
-        workdir=WORK / f".triton-{name}",
-        log_sink=lambda line: (triton_log.write(line + "\n"), triton_log.flush()),
-    )
+
+    def log_line(line: str) -> None:
+        triton_log.write(line + "\n")
+        triton_log.flush()
+
+    triton = start(repo, ports=ports, workdir=WORK / f".triton-{name}", log_sink=log_line)
     try:
         triton.wait_ready(timeout=600)
         env = gateway_env(

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_HEADER = b"x-request-id"  # ASGI header names are lower-case bytes
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 access_log = logging.getLogger("gateway.access")
@@ -90,7 +90,7 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == _REQUEST_ID_HEADER), "")
         request_id = given if _VALID_ID.fullmatch(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
@@ -101,7 +101,7 @@ class AccessLogMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (_REQUEST_ID_HEADER, request_id.encode())]
             await send(message)
 
         try:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
-UNK_ID = 3
 START_OF_TURN_ID = 105
 END_OF_TURN_ID = 106
 NEWLINE_ID = 107
@@ -22,7 +21,6 @@ IMAGE_SOFT_TOKEN_ID = 262144  # <image_soft_token>, added after the 262144-piece
 
 BOS = "<bos>"
 EOS = "<eos>"
-PAD = "<pad>"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 START_OF_IMAGE = "<start_of_image>"

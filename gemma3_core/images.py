@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from gemma3_core.constants import (
@@ -191,7 +192,7 @@ def decode_image(
 
 
 # --- pixel values ----------------------------------------------------------------------------------
-def _normalize_lut() -> np.ndarray:
+def _normalize_lut() -> npt.NDArray[np.float32]:
     # Same arithmetic as HF: rescale in float64 then cast to float32, then (x - mean) / std in float32.
     # Applied to the 256 possible uint8 values once, so a lookup table is bit-identical and much faster.
     values = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
@@ -204,7 +205,7 @@ def _normalize_lut() -> np.ndarray:
 _LUT = _normalize_lut()
 
 
-def pixel_values_from_rgb(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+def pixel_values_from_rgb(img: Image.Image, size: int = IMAGE_SIZE) -> npt.NDArray[np.float32]:
     """One RGB image → float32 CHW [3, size, size] in [-1, 1]."""
     if img.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {img.mode!r}")
@@ -250,14 +251,27 @@ def pan_and_scan_boxes(
     ]
 
 
-def pan_and_scan_crops(img: Image.Image, **kwargs: float) -> list[Image.Image]:
+def pan_and_scan_crops(
+    img: Image.Image,
+    *,
+    min_crop_size: int = PAN_AND_SCAN_MIN_CROP_SIZE,
+    max_num_crops: int = PAN_AND_SCAN_MAX_NUM_CROPS,
+    min_ratio_to_activate: float = PAN_AND_SCAN_MIN_RATIO_TO_ACTIVATE,
+) -> list[Image.Image]:
     """The crops HF's pan-and-scan would produce for `img` (original not included)."""
-    return [img.crop(box) for box in pan_and_scan_boxes(img.width, img.height, **kwargs)]  # type: ignore[arg-type]
+    boxes = pan_and_scan_boxes(
+        img.width,
+        img.height,
+        min_crop_size=min_crop_size,
+        max_num_crops=max_num_crops,
+        min_ratio_to_activate=min_ratio_to_activate,
+    )
+    return [img.crop(box) for box in boxes]
 
 
 @dataclass(frozen=True)
 class PreprocessedImage:
-    pixel_values: np.ndarray  # float32 [1 + num_crops, 3, 896, 896]: the original first, then the crops
+    pixel_values: npt.NDArray[np.float32]  # [1 + num_crops, 3, 896, 896]: the original first, then the crops
     num_crops: int
     width: int
     height: int
@@ -273,14 +287,12 @@ def preprocess_rgb(
 ) -> PreprocessedImage:
     views = [img]
     if do_pan_and_scan:
-        boxes = pan_and_scan_boxes(
-            img.width,
-            img.height,
+        views += pan_and_scan_crops(
+            img,
             min_crop_size=min_crop_size,
             max_num_crops=max_num_crops,
             min_ratio_to_activate=min_ratio_to_activate,
         )
-        views += [img.crop(b) for b in boxes]
     pixels = np.stack([pixel_values_from_rgb(v) for v in views])
     return PreprocessedImage(
         pixel_values=pixels, num_crops=len(views) - 1, width=img.width, height=img.height

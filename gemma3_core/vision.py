@@ -17,14 +17,18 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gemma3_core.constants import IMAGE_SIZE, MM_TOKENS_PER_IMAGE, PATCH_SIZE
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -106,6 +110,14 @@ class VisionEncoderConfig:
         )
 
 
+class _SoftEmbNorm(nn.Module):
+    """The projector norm's gain `w` only (the RMSNorm is computed in `Gemma3Projector.forward`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+
 class Gemma3Projector(nn.Module):
     """avg-pool the patch grid to √mm_tokens per side, Gemma RMSNorm (1 + w), project to the text hidden size.
 
@@ -122,8 +134,7 @@ class Gemma3Projector(nn.Module):
         self.eps = eps
         self.vision_hidden = vision_hidden
         self.mm_input_projection_weight = nn.Parameter(torch.zeros(vision_hidden, text_hidden))
-        self.mm_soft_emb_norm = nn.Module()
-        self.mm_soft_emb_norm.weight = nn.Parameter(torch.zeros(vision_hidden))
+        self.mm_soft_emb_norm = _SoftEmbNorm(vision_hidden)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         # Python-int shapes (batch -1): the ONNX graph then has static [B, 256, hidden] output dims.
@@ -170,7 +181,8 @@ class Gemma3VisionEncoder(nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """HF `get_image_features(...).pooler_output`: uncompensated features."""
         patches = self.vision_tower(pixel_values=pixel_values).last_hidden_state
-        return self.multi_modal_projector(patches)
+        features: torch.Tensor = self.multi_modal_projector(patches)
+        return features
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.image_features(pixel_values)
@@ -180,8 +192,8 @@ class Gemma3VisionEncoder(nn.Module):
     @classmethod
     def from_hf_gemma3(
         cls,
-        model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-        config: Any,
+        model_or_state_dict: PreTrainedModel | Mapping[str, torch.Tensor],
+        config: PretrainedConfig | Mapping[str, Any],
         *,
         llm_dtype: str | None = None,
         attn_implementation: str = "sdpa",
@@ -202,8 +214,9 @@ class Gemma3VisionEncoder(nn.Module):
         if isinstance(model_or_state_dict, nn.Module):
             state = model_or_state_dict.state_dict()
             if llm_dtype is None:
-                emb = model_or_state_dict.get_input_embeddings()
-                llm_dtype = dtype_name(emb.weight.dtype) if emb is not None else None
+                # A model without a tensor embedding weight leaves the dtype to the config, below.
+                weight = getattr(model_or_state_dict.get_input_embeddings(), "weight", None)
+                llm_dtype = dtype_name(weight.dtype) if isinstance(weight, torch.Tensor) else None
         else:
             state = dict(model_or_state_dict)
         if llm_dtype is None:
@@ -354,11 +367,12 @@ def read_vision_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     return vision_weights_from_state_dict(state)
 
 
-def _as_dict(config: Any) -> dict[str, Any]:
+def _as_dict(config: PretrainedConfig | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
     if hasattr(config, "to_dict"):
-        return config.to_dict()
+        data: dict[str, Any] = config.to_dict()
+        return data
     raise TypeError(f"expected a Gemma3Config or dict, got {type(config).__name__}")
 
 
@@ -403,12 +417,12 @@ class VisionRunner(Protocol):
     hidden_size: int
     tokens_per_image: int
 
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+    def __call__(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float16]:
         """float32 [N, 3, 896, 896] → float16 prompt table [N * 256, hidden]."""
         ...
 
 
-def _check_pixels(pixel_values: np.ndarray, image_size: int) -> None:
+def _check_pixels(pixel_values: npt.NDArray[np.float32], image_size: int) -> None:
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
         raise ValueError(f"pixel_values must be [N, 3, {image_size}, {image_size}], got {pixel_values.shape}")
 
@@ -426,9 +440,9 @@ class TorchVisionRunner:
         self.tokens_per_image = self.encoder.config.mm_tokens_per_image
         self.image_size = self.encoder.image_size
 
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+    def __call__(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float16]:
         _check_pixels(pixel_values, self.image_size)
-        parts = []
+        parts: list[npt.NDArray[np.float16]] = []
         with torch.inference_mode():
             for i in range(0, pixel_values.shape[0], self.max_batch):
                 x = torch.from_numpy(np.ascontiguousarray(pixel_values[i : i + self.max_batch]))
@@ -466,16 +480,17 @@ class TensorRTVisionRunner:
         self.max_batch = int(max_shape[0])
         self.in_dtype = self._torch_dtype(self.engine.get_tensor_dtype(INPUT_NAME))
         self.out_dtype = self._torch_dtype(self.engine.get_tensor_dtype(OUTPUT_NAME))
-        self.stream = torch.cuda.Stream(device=self.device)
+        # torch.cuda.Stream's constructor has no annotations.
+        self.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
 
     def _torch_dtype(self, trt_dtype: Any) -> torch.dtype:
         trt = self._trt
         table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
         return table[trt_dtype]
 
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+    def __call__(self, pixel_values: npt.NDArray[np.float32]) -> npt.NDArray[np.float16]:
         _check_pixels(pixel_values, self.image_size)
-        parts = []
+        parts: list[torch.Tensor] = []
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for i in range(0, pixel_values.shape[0], self.max_batch):
                 chunk = np.ascontiguousarray(pixel_values[i : i + self.max_batch])

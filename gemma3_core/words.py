@@ -8,14 +8,16 @@ each word (padded with -1). Words are tokenized without special tokens: a `<bos>
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from gemma3_core.tokenizer import encode
 
 
-def to_word_list(word_ids: Sequence[Sequence[int]]) -> np.ndarray:
+def to_word_list(word_ids: Sequence[Sequence[int]]) -> npt.NDArray[np.int32]:
     flat: list[int] = []
     offsets: list[int] = []
     for ids in word_ids:
@@ -31,7 +33,7 @@ def to_word_list(word_ids: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
-def from_word_list(arr: np.ndarray) -> list[list[int]]:
+def from_word_list(arr: npt.NDArray[np.integer[Any]]) -> list[list[int]]:
     """Inverse of `to_word_list` (accepts `[2, N]` or `[1, 2, N]`)."""
     arr = np.asarray(arr).reshape(2, -1)
     words: list[list[int]] = []
@@ -44,7 +46,9 @@ def from_word_list(arr: np.ndarray) -> list[list[int]]:
     return words
 
 
-def encode_words(tok: Tokenizer, words: Iterable[str], extra_ids: Iterable[int] = ()) -> np.ndarray:
+def encode_words(
+    tok: Tokenizer, words: Iterable[str], extra_ids: Iterable[int] = ()
+) -> npt.NDArray[np.int32]:
     ids = [encode(tok, w) for w in words if w]
     ids.extend([int(i)] for i in extra_ids)
     return to_word_list(ids)
