@@ -55,7 +55,7 @@ async def prepare(
     tools = plan_tools(
         request.tools, request.tool_choice, request.response_format, request.parallel_tool_calls
     )
-    prompt = render_prompt(request.messages, images is not None, request.tools, request.tool_choice)
+    prompt = render_prompt(request.messages, request.tools, request.tool_choice)
     # Rendered first so a malformed conversation costs no fetch; all images are fetched concurrently.
     fetched = await images.fetch(request.messages) if images is not None else []
     # Count what the engine will see: each marker expands to the full image sequence (256 soft tokens).

@@ -1,8 +1,8 @@
 """OpenAI messages → the Gemma 3 prompt, via the shared template (gemma3_core.chat_template).
 
-The gateway only adapts the message shape: `developer` is OpenAI's new name for `system`, and content
-parts are reduced to what the template knows (`text`, `image`). The template decides the rest and its
-rejections (role alternation, bad content) become 400s naming the message.
+The gateway only adapts the message shape of a validated request: `developer` is OpenAI's new name for
+`system`, and content parts are reduced to what the template knows (`text`, `image`). The template decides
+the rest; its own rejections (role alternation, bad content) become 400s naming the message.
 """
 
 from __future__ import annotations
@@ -14,32 +14,25 @@ from gemma3_core.chat_template import TemplateError, render_chat
 from gemma3_core.tool_prompt import prepare_messages
 
 
-def _content(content: Any, param: str, images_enabled: bool) -> Any:
+def _content(content: Any) -> Any:
     if not isinstance(content, list):
         return content
     parts: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
+    for part in content:
         kind = part.get("type")
         if kind == "text":
             parts.append({"type": "text", "text": part.get("text", "")})
-        elif kind == "image_url":
-            if not images_enabled:
-                raise bad_request(
-                    "images are not enabled on this deployment", f"{param}[{j}]", "unsupported_content"
-                )
+        elif kind == "image_url":  # only in requests validated with images enabled
             # The template only emits <start_of_image> for {"type": "image"}; image_url parts vanish.
             parts.append({"type": "image"})
     return parts
 
 
-def template_messages(messages: list[dict[str, Any]], images_enabled: bool = False) -> list[dict[str, Any]]:
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
+    for message in messages:
         role = "system" if message["role"] == "developer" else message["role"]
-        converted = {
-            "role": role,
-            "content": _content(message.get("content"), f"messages[{i}].content", images_enabled),
-        }
+        converted = {"role": role, "content": _content(message.get("content"))}
         if message.get("tool_calls"):
             converted["tool_calls"] = message["tool_calls"]
         out.append(converted)
@@ -48,7 +41,6 @@ def template_messages(messages: list[dict[str, Any]], images_enabled: bool = Fal
 
 def render_prompt(
     messages: list[dict[str, Any]],
-    images_enabled: bool = False,
     tools: list[dict[str, Any]] | None = None,
     tool_choice: Any = None,
 ) -> str:
@@ -56,6 +48,6 @@ def render_prompt(
         if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
             # Tool definitions, replayed calls and results become plain turns (docs/tools.md).
             messages = prepare_messages(messages, tools, tool_choice)
-        return render_chat(template_messages(messages, images_enabled), add_generation_prompt=True)
+        return render_chat(template_messages(messages), add_generation_prompt=True)
     except TemplateError as exc:
         raise bad_request(exc.message, exc.param or "messages", "invalid_conversation") from None

@@ -255,6 +255,19 @@ def _check_arguments(arguments: str | None, param: str) -> None:
         )
 
 
+def _refuse_images(messages: list[dict[str, Any]]) -> None:
+    """A deployment without images must not drop an image part silently (the answer would be about less)."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if part.get("type") == "image_url":
+                raise bad_request(
+                    "images are not enabled on this deployment",
+                    f"messages[{i}].content[{j}]",
+                    "unsupported_content",
+                )
+
+
 def _invalid_unicode(value: Any, path: list[str | int]) -> list[str | int] | None:
     """Path of the first string holding a lone surrogate (JSON allows "\\ud800"; UTF-8 cannot carry it)."""
     if isinstance(value, str):
@@ -330,6 +343,8 @@ def parse_chat_request(
         )
 
     _check_tools(body)
+    if not settings.images_enabled:
+        _refuse_images(body["messages"])
 
     # max_completion_tokens supersedes the deprecated max_tokens when both are sent.
     max_tokens_param = (

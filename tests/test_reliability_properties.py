@@ -83,8 +83,9 @@ CONTENT = st.one_of(
 def test_prompt_renderer_renders_or_rejects_cleanly(messages: list[dict[str, Any]], images: bool) -> None:
     """Validation, then rendering (which assumes a validated request): a prompt or a 400, never a crash."""
     try:
-        request = parse_chat_request(json.dumps({"messages": messages}).encode(), SETTINGS)
-        prompt = render_prompt(request.messages, images, request.tools, request.tool_choice)
+        settings = SETTINGS.model_copy(update={"images_enabled": images})
+        request = parse_chat_request(json.dumps({"messages": messages}).encode(), settings)
+        prompt = render_prompt(request.messages, request.tools, request.tool_choice)
     except APIError as exc:
         assert exc.status == 400 and exc.param
         return
