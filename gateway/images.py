@@ -15,8 +15,10 @@ import numpy as np
 
 from gateway.images_fetch import ImageFetcher, ImageFetchError, ImageFetchPolicy, image_refs
 from gateway.settings import GatewaySettings
+from triton_io.contract import Ensemble
 
-IMAGES_INPUT = "images"  # ensemble input: BYTES [1, N], one encoded file per marker
+# The ensemble input the images go to: BYTES [1, N], one encoded file per marker.
+IMAGES_INPUT = Ensemble.IMAGES
 
 
 def policy_from_settings(settings: GatewaySettings) -> ImageFetchPolicy:
@@ -28,14 +30,6 @@ def policy_from_settings(settings: GatewaySettings) -> ImageFetchPolicy:
         max_pixels=settings.images_max_pixels,
         max_images=settings.images_max_per_request,
         allow_list=tuple(settings.images_allow_list),
-    )
-
-
-def has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(
-        isinstance(m.get("content"), list)
-        and any(isinstance(p, Mapping) and p.get("type") == "image_url" for p in m["content"])
-        for m in messages
     )
 
 

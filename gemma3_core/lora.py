@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gemma3_core.constants import TextArch
+from triton_io.contract import Ensemble
 
 if TYPE_CHECKING:  # torch is only needed by the CPU reference engine (LoraHooks)
     import torch
@@ -804,11 +805,11 @@ class LoraRegistry:
     def request_inputs(self, name: str, *, force_weights: bool = False) -> dict[str, np.ndarray]:
         """Triton inputs for one request: `lora_task_id` uint64 [1, 1], plus weights/config on first use."""
         entry = self.get(name)
-        inputs = {"lora_task_id": np.array([[entry.task_id]], dtype=np.uint64)}
+        inputs = {Ensemble.LORA_TASK_ID: np.array([[entry.task_id]], dtype=np.uint64)}
         if force_weights or self.needs_weights(name):
             weights, config = self.tensors(name)
-            inputs["lora_weights"] = weights
-            inputs["lora_config"] = config
+            inputs[Ensemble.LORA_WEIGHTS] = weights
+            inputs[Ensemble.LORA_CONFIG] = config
             with self._lock:
                 self._sent.add(name)  # optimistic: a failed send surfaces as a cache miss → invalidate
         return inputs

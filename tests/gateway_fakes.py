@@ -1,8 +1,8 @@
-"""Test doubles of the gateway's Triton backend (gateway.triton_stream.GenerationBackend), for unit tests."""
+"""Test doubles of the gateway's Triton backend (gateway.triton.client.GenerationBackend), for unit tests."""
 
 from __future__ import annotations
 
-from gateway.triton_stream import ModelSpec
+from gateway.triton.tensors import ModelSpec
 
 
 class AlwaysReadyBackend:

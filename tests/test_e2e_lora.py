@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.triton_stream import TritonResponse
+from gateway.triton.tensors import TritonResponse
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
 
@@ -176,7 +176,7 @@ async def test_engine_cache_miss_is_retried_with_weights(
     makes the gateway resend once with the weights, and the client sees a normal answer."""
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.triton_stream import TritonStreamClient
+    from gateway.triton.client import TritonStreamClient
 
     triton = gateway.triton
     settings = GatewaySettings(

@@ -20,7 +20,8 @@ import pytest
 from gateway.app import create_app
 from gateway.chat import triton_api_error
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import InputSpec, ModelSpec, TritonError, TritonResponse, build_inputs
+from gateway.triton.errors import TritonError
+from gateway.triton.tensors import InputSpec, ModelSpec, TritonResponse, build_inputs
 from gemma3_core.lora import cache_miss_message, stable_task_id
 from tests.gateway_fakes import AlwaysReadyBackend
 

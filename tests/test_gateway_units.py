@@ -14,11 +14,11 @@ from gateway.sampling import UINT64_MOD, resolve_sampling
 from gateway.settings import GatewaySettings
 from gateway.sse import DONE, ChunkFactory, encode_event
 from gateway.stop_strings import StopMatcher
-from gateway.triton_stream import (
+from gateway.triton.errors import TritonError
+from gateway.triton.tensors import (
     ID_OUTPUTS,
     InputSpec,
     ModelSpec,
-    TritonError,
     build_inputs,
     parse_result,
     requested_outputs,

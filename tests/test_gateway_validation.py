@@ -15,7 +15,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import TritonResponse
+from gateway.triton.tensors import TritonResponse
 from tests.gateway_fakes import AlwaysReadyBackend
 
 MODEL = "gemma-test"

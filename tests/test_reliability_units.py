@@ -20,7 +20,7 @@ from gateway.app import create_app
 from gateway.errors import APIError
 from gateway.logs import JsonFormatter, RequestIdFilter
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import TritonError
+from gateway.triton.errors import TritonError
 from tests.test_gateway_chat import END, MODEL, USER, Scripted, endless_script, sse_events, tok
 
 
@@ -142,7 +142,7 @@ async def test_triton_queue_full_is_429() -> None:
 
 
 def test_queue_full_messages_are_classified() -> None:
-    from gateway.triton_stream import _queue_full
+    from gateway.triton.errors import queue_full as _queue_full
 
     assert _queue_full("Exceeds maximum queue size") is not None
     assert _queue_full("in ensemble 'ensemble', Exceeds maximum queue size").kind == "overloaded"  # type: ignore[union-attr]
