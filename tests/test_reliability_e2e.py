@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from build_engine import fast_double
-from build_engine.cpu import CpuArtifacts, cache_root, repository_values
+from build_engine.cpu import CpuArtifacts, cache_root, prepare, repository_values
 from build_engine.render import render, values_for
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -78,11 +78,9 @@ class DoubleTriton:
 
 @contextlib.contextmanager
 def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
-    """A tritonserver with the ensemble around the fast engine double (skips where it cannot run)."""
-    art = CpuArtifacts(cache_root())
-    if not (art.tokenizer_dir / "tokenizer.json").exists():
-        pytest.skip(f"CPU artifacts not prepared at {art.root} (run `python -m build_engine cpu`)")
-    from stack.triton_launcher import LauncherError, TritonPorts
+    """A tritonserver with the ensemble around the fast engine double."""
+    art = prepare(cache_root())
+    from stack.triton_launcher import TritonPorts
 
     values = {
         **repository_values(art, max_batch_size=64, max_seq_len=512),
@@ -91,10 +89,7 @@ def run_double(root: Path, token_interval_us: int) -> Iterator[DoubleTriton]:
     repo = root / "model_repository"
     render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
     server = DoubleTriton(repo, TritonPorts.free())
-    try:
-        server.start()
-    except LauncherError as exc:
-        pytest.skip(f"tritonserver cannot run here: {exc}")
+    server.start()
     try:
         yield server
     finally:

@@ -15,14 +15,13 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-from build_engine.cpu import CpuArtifacts, cache_root  # noqa: E402
-from stack.triton_launcher import free_port  # noqa: E402
-from tests.fixtures.gateway import gateway_env, run_gateway  # noqa: E402
-from tests.test_reliability_e2e import MODEL, run_double  # noqa: E402
+from build_engine.cpu import CpuArtifacts, cache_root
+from stack.triton_launcher import free_port
+from tests.fixtures.gateway import gateway_env, run_gateway
+from tests.test_reliability_e2e import MODEL, run_double
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
