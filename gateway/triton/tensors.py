@@ -53,6 +53,9 @@ def wire_dtype(data_type: int) -> str:
 TEXT_OUTPUTS = (Ensemble.TEXT_OUTPUT, Ensemble.NUM_INPUT_TOKENS, Ensemble.NUM_OUTPUT_TOKENS)
 ID_OUTPUTS = (Engine.OUTPUT_IDS, Engine.NUM_INPUT_TOKENS, Engine.NUM_OUTPUT_TOKENS)
 _INT_TYPECODES = {"INT32": "i", "INT64": "q", "UINT32": "I", "UINT64": "Q"}
+# Plain module names for the per-token loop (no class attribute lookups there).
+_OUTPUT_IDS, _TEXT_OUTPUT = Engine.OUTPUT_IDS, Ensemble.TEXT_OUTPUT
+_NUM_INPUT_TOKENS, _NUM_OUTPUT_TOKENS = Ensemble.NUM_INPUT_TOKENS, Ensemble.NUM_OUTPUT_TOKENS
 
 
 def _ints(raw: bytes, datatype: str) -> Sequence[int]:
@@ -71,14 +74,14 @@ def parse_result(result: InferResult, detokenizer: Any = None) -> TritonResponse
     num_input = num_output = None
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         name = output.name
-        if name == Engine.OUTPUT_IDS:
+        if name == _OUTPUT_IDS:
             if detokenizer is not None:
                 text = detokenizer.token_bytes(_ints(raw, output.datatype))  # beam width 1
-        elif name == Ensemble.TEXT_OUTPUT:
+        elif name == _TEXT_OUTPUT:
             text = b"".join(deserialize_bytes_tensor(raw))
-        elif name == Ensemble.NUM_INPUT_TOKENS and raw:
+        elif name == _NUM_INPUT_TOKENS and raw:
             num_input = _ints(raw, output.datatype)[0]
-        elif name == Ensemble.NUM_OUTPUT_TOKENS and raw:
+        elif name == _NUM_OUTPUT_TOKENS and raw:
             num_output = _ints(raw, output.datatype)[0]
     params = response.parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param

@@ -36,6 +36,7 @@ from triton_io.python_model import param
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 OUTPUTS = (Engine.OUTPUT_IDS, Engine.SEQUENCE_LENGTH, Engine.NUM_INPUT_TOKENS, Engine.NUM_OUTPUT_TOKENS)
+_OUTPUT_IDS, _SEQUENCE_LENGTH, _NUM_INPUT_TOKENS, _NUM_OUTPUT_TOKENS = OUTPUTS  # per-token: plain names
 # is_cancelled() is an IPC round trip to tritonserver; polling it per token would bill the double's own
 # work to the server we are measuring, so it is polled at most this often per request.
 CANCEL_POLL_S = 0.05
@@ -164,10 +165,10 @@ def _respond(st: _Stream, ids: list[int], final: bool) -> None:
         length = np.array([[out.shape[-1]]], dtype=np.int32)
         count = np.array([[len(ids)]], dtype=np.int32)
     values = {
-        Engine.OUTPUT_IDS: out,
-        Engine.SEQUENCE_LENGTH: length,
-        Engine.NUM_INPUT_TOKENS: st.n_in,
-        Engine.NUM_OUTPUT_TOKENS: count,
+        _OUTPUT_IDS: out,
+        _SEQUENCE_LENGTH: length,
+        _NUM_INPUT_TOKENS: st.n_in,
+        _NUM_OUTPUT_TOKENS: count,
     }
     # Only what the client asked for (Triton drops the rest anyway, after paying to carry it here).
     tensors = [pb_utils.Tensor(name, values[name]) for name in st.outputs]
