@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.triton_stream import TritonStreamClient
+from gateway.triton.client import TritonStreamClient
 from gemma3_core.chat_template import render_chat
 
 PROMPTS = [

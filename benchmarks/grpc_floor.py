@@ -32,7 +32,7 @@ async def run(url: str, model: str, entries: list[dict[str, Any]], concurrency: 
     from tritonclient.grpc import aio as grpcclient
     from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-    from gateway.triton_stream import ID_OUTPUTS
+    from gateway.triton.tensors import ID_OUTPUTS
 
     client = grpcclient.InferenceServerClient(url)
     config = (await client.get_model_config(model)).config

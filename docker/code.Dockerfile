@@ -6,6 +6,7 @@ FROM busybox:1.37
 
 COPY pyproject.toml /workspace/
 COPY gemma3_core /workspace/gemma3_core
+COPY triton_io /workspace/triton_io
 COPY build_engine /workspace/build_engine
 COPY model_repository /workspace/model_repository
 

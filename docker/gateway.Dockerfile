@@ -19,6 +19,7 @@ RUN pip install -r /tmp/requirements.txt
 
 COPY gemma3_core ./gemma3_core
 COPY gateway ./gateway
+COPY triton_io ./triton_io
 COPY build_engine ./build_engine
 RUN pip install --no-deps .
 

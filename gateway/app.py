@@ -1,7 +1,7 @@
 """The FastAPI application: routes, lifecycle and OpenAPI document.
 
 Data flow of `POST /v1/chat/completions`: raw body → validation (jsonschema) → prompt (gemma3_core template)
-→ Triton streams (triton_stream) → JSON body or SSE (chat, sse).
+→ Triton streams (gateway/triton) → JSON body or SSE (chat, sse).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gateway.logs import AccessLogMiddleware
 from gateway.lora import LoraService
 from gateway.metrics import GatewayMetrics, RequestCounterMiddleware
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import GenerationBackend, TritonStreamClient
+from gateway.triton.client import GenerationBackend, TritonStreamClient
 from gateway.validation import load_schema
 
 log = logging.getLogger("gateway")

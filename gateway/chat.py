@@ -24,7 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.prepare import ChatContext, prepare
 from gateway.responses import GenerationStreamingResponse, collect
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import GenerationBackend
+from gateway.triton.client import GenerationBackend
 
 log = logging.getLogger("gateway.chat")
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.triton_stream import TritonError
+from gateway.triton.errors import TritonError
 
 log = logging.getLogger("gateway")
 

@@ -19,7 +19,8 @@ from gateway.errors import SERVER_ERROR, TIMEOUT, APIError, triton_api_error
 from gateway.metrics import GatewayMetrics
 from gateway.prepare import ChatContext
 from gateway.stop_strings import StopMatcher
-from gateway.triton_stream import GenerationBackend, TritonError
+from gateway.triton.client import GenerationBackend
+from gateway.triton.errors import TritonError
 from gemma3_core.detokenize import IncrementalText
 
 log = logging.getLogger("gateway.chat")

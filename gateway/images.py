@@ -17,7 +17,7 @@ from gateway.errors import bad_request
 from gateway.images_fetch import ImageFetcher, ImageFetchError, ImageFetchPolicy, image_refs
 from gateway.settings import GatewaySettings
 
-IMAGES_INPUT = "images"  # ensemble input: BYTES [1, N], one encoded file per marker
+# The ensemble input the images go to: BYTES [1, N], one encoded file per marker.
 
 
 def policy_from_settings(settings: GatewaySettings) -> ImageFetchPolicy:

@@ -21,8 +21,11 @@ import numpy as np
 from gateway.errors import model_card, model_not_found
 from gateway.lora_registry import AdapterEntry, LoraRegistry, UnknownAdapterError
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import GenerationBackend, ModelSpec, TritonError, TritonResponse
+from gateway.triton.client import GenerationBackend
+from gateway.triton.errors import TritonError
+from gateway.triton.tensors import ModelSpec, TritonResponse
 from gemma3_core.lora import is_cache_miss_error
+from triton_io.contract import Ensemble
 
 log = logging.getLogger("gateway.lora")
 
@@ -45,7 +48,7 @@ class LoraService:
             return self.registry
         async with self._dtype_lock:
             if not self._dtype_checked:
-                declared = (await backend.model_spec()).inputs.get("lora_weights")
+                declared = (await backend.model_spec()).inputs.get(Ensemble.LORA_WEIGHTS)
                 if declared is not None and declared.datatype == "BF16" and self.registry.dtype != np.float32:
                     self.registry = LoraRegistry(self.registry.adapters_dir, dtype=np.float32)
                 self._dtype_checked = True

@@ -27,6 +27,7 @@ from gemma3_core.lora import (
     to_trtllm_tensors,
     with_batch_dim,
 )
+from triton_io.contract import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +238,11 @@ class LoraRegistry:
     def request_inputs(self, name: str, *, force_weights: bool = False) -> dict[str, np.ndarray]:
         """Triton inputs for one request: `lora_task_id` uint64 [1, 1], plus weights/config on first use."""
         entry = self.get(name)
-        inputs = {"lora_task_id": np.array([[entry.task_id]], dtype=np.uint64)}
+        inputs = {Ensemble.LORA_TASK_ID: np.array([[entry.task_id]], dtype=np.uint64)}
         if force_weights or self.needs_weights(name):
             weights, config = self.tensors(name)
-            inputs["lora_weights"] = weights
-            inputs["lora_config"] = config
+            inputs[Ensemble.LORA_WEIGHTS] = weights
+            inputs[Ensemble.LORA_CONFIG] = config
             with self._lock:
                 self._sent.add(name)  # optimistic: a failed send surfaces as a cache miss → invalidate
         return inputs

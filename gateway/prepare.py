@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import limits
-from gateway.images import IMAGES_INPUT, ImageService, images_tensor
+from gateway.images import ImageService, images_tensor
 from gateway.lora import LoraService
 from gateway.prompt import render_prompt
 from gateway.sampling import SamplingParams, resolve_sampling
@@ -22,6 +22,7 @@ from gateway.settings import GatewaySettings
 from gateway.tools import NO_TOOLS, ToolPlan, plan_tools
 from gateway.validation import ChatRequest, parse_chat_request
 from gemma3_core.chat_template import expand_image_markers
+from triton_io.contract import Ensemble
 
 PromptCounter = Callable[[str], Awaitable[int | None]]  # None without a tokenizer
 
@@ -64,7 +65,7 @@ async def prepare(
     sampling = resolve_sampling(request, settings, max_tokens)
     extra: dict[str, Any] = tools.triton_inputs()
     if fetched:
-        extra[IMAGES_INPUT] = images_tensor(fetched)
+        extra[Ensemble.IMAGES] = images_tensor(fetched)
     return ChatContext(
         request=request,
         prompt=prompt,

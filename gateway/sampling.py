@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.settings import GatewaySettings
 from gateway.validation import ChatRequest
+from triton_io.contract import Ensemble
 
 GREEDY_TEMPERATURE = 1e-5
 UINT64_MOD = 1 << 64
@@ -44,20 +45,23 @@ class SamplingParams:
         return (self.seed + index) % UINT64_MOD
 
     def triton_inputs(self, index: int) -> dict[str, Any]:
-        """Values for the ensemble inputs of choice `index` (names per docs/architecture.md)."""
+        """Values for the ensemble inputs of choice `index`."""
         values: dict[str, Any] = {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.choice_seed(index),
+            Ensemble.MAX_TOKENS: self.max_tokens,
+            Ensemble.TEMPERATURE: self.temperature,
+            Ensemble.TOP_P: self.top_p,
+            Ensemble.TOP_K: self.top_k,
+            Ensemble.SEED: self.choice_seed(index),
         }
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-            value = getattr(self, name)
+        for name, value in (
+            (Ensemble.PRESENCE_PENALTY, self.presence_penalty),
+            (Ensemble.FREQUENCY_PENALTY, self.frequency_penalty),
+            (Ensemble.REPETITION_PENALTY, self.repetition_penalty),
+        ):
             if value is not None:
                 values[name] = value
         if self.stop:
-            values["stop_words"] = list(self.stop)
+            values[Ensemble.STOP_WORDS] = list(self.stop)
         return values
 
 

@@ -18,9 +18,7 @@ from typing import Any
 
 from gemma3_core.tool_parser import StreamingToolParser, parse_tool_calls
 from gemma3_core.tool_prompt import guided_decoding_for, tools_active
-
-GUIDE_TYPE_INPUT = "guided_decoding_guide_type"
-GUIDE_INPUT = "guided_decoding_guide"
+from triton_io.contract import Ensemble
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class ToolPlan:
     def triton_inputs(self) -> dict[str, Any]:
         if self.guided is None:
             return {}
-        return {GUIDE_TYPE_INPUT: self.guided[0], GUIDE_INPUT: self.guided[1]}
+        return {Ensemble.GUIDE_TYPE: self.guided[0], Ensemble.GUIDE: self.guided[1]}
 
     def new_parser(self) -> StreamingToolParser | None:
         return StreamingToolParser(self.parse_tools) if self.parse_tools is not None else None

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from build_engine.cpu import cache_root, prepare, repository_values
+from build_engine.cpu import DEFAULT_MAX_SEQ_LEN, cache_root, prepare, repository_values
 from build_engine.render import render
 from gateway.settings import GatewaySettings
 from gemma3_core import constants as C
@@ -23,7 +23,7 @@ from stack.gateway_process import GatewayStartError, gateway_env
 from stack.triton_launcher import LauncherError, TritonPorts, start
 
 REPO = Path(os.environ.get("MODEL_REPOSITORY", "build/model_repository/cpu"))
-MAX_SEQ_LEN = int(os.environ.get("CPU_MAX_SEQ_LEN", "8192"))
+MAX_SEQ_LEN = int(os.environ.get("CPU_MAX_SEQ_LEN", str(DEFAULT_MAX_SEQ_LEN)))
 
 
 def say(msg: str) -> None:

@@ -1,3 +1,3 @@
-"""Shared fixtures: a real tritonserver on the rendered CPU repository (session scope)."""
+"""Shared fixtures: a real tritonserver on the rendered CPU repository (session scope); skips that fail."""
 
-pytest_plugins = ["tests.fixtures.triton", "tests.fixtures.gateway"]
+pytest_plugins = ["pytester", "tests.fixtures.triton", "tests.fixtures.gateway", "tests.fixtures.skips"]

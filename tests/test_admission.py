@@ -13,7 +13,7 @@ from gateway.admission import AdmissionController
 from gateway.app import create_app
 from gateway.errors import APIError
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import TritonError
+from gateway.triton.errors import TritonError
 from tests.fixtures.asgi import admission as _admission
 from tests.fixtures.asgi import gateway_client as _client
 from tests.fixtures.backends import MODEL, USER, Scripted, endless_script, tok

@@ -22,7 +22,14 @@ import openai
 import pytest
 
 from stack.triton_launcher import free_port
-from tests.fixtures.gateway import CARD_MULTIMODAL, GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.gateway import (
+    CARD_MULTIMODAL,
+    LOCAL_ONLY,
+    NEEDS_CURL,
+    GatewayTarget,
+    gateway_env,
+    run_gateway,
+)
 from tests.fixtures.sse import parse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -162,8 +169,7 @@ def test_stop_sequence_is_trimmed(gateway: GatewayTarget, sdk: openai.OpenAI) ->
     kwargs: dict[str, Any] = {"model": gateway.model, "messages": ASK, "max_tokens": 32, "temperature": 0}
     text = sdk.chat.completions.create(**kwargs).choices[0].message.content or ""
     words = re.findall(r"[A-Za-z]{4,}", text)
-    if len(words) < 3:
-        pytest.skip(f"greedy output too short to pick a stop word: {text!r}")
+    assert len(words) >= 3, f"greedy output too short to pick a stop word: {text!r}"
     stop = words[2]
     expected = text[: text.index(stop)]
     stopped = sdk.chat.completions.create(stop=[stop], **kwargs)
@@ -174,6 +180,7 @@ def test_stop_sequence_is_trimmed(gateway: GatewayTarget, sdk: openai.OpenAI) ->
 
 
 # --- raw HTTP: wire format, model card examples, errors ----------------------------------------------------
+@NEEDS_CURL
 def test_model_card_curl_example(gateway: GatewayTarget) -> None:
     curl = shutil.which("curl")
     if curl is None:
@@ -253,6 +260,7 @@ def test_malformed_json(http: httpx.Client) -> None:
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
+@LOCAL_ONLY
 def test_prompt_longer_than_context(gateway: GatewayTarget, http: httpx.Client) -> None:
     triton = local_only(gateway)
     words = " ".join(["sea"] * (int(triton.max_model_len) + 16))
@@ -274,6 +282,7 @@ def _metric_sum(text: str, name: str, model: str | None = None) -> float:
     return total
 
 
+@LOCAL_ONLY
 def test_disconnect_cancels_generation(gateway: GatewayTarget, http: httpx.Client) -> None:
     triton = local_only(gateway)
     metrics_url = str(triton.metrics_url)
@@ -312,11 +321,11 @@ def test_disconnect_cancels_generation(gateway: GatewayTarget, http: httpx.Clien
     assert engine_goes_idle(triton), "the engine kept generating after the client disconnected"
 
 
+@LOCAL_ONLY
 def test_greedy_matches_transformers(
     gateway: GatewayTarget, sdk: openai.OpenAI, request: pytest.FixtureRequest
 ) -> None:
     triton = local_only(gateway)
-    pytest.importorskip("torch")
     from gemma3_core.chat_template import render_chat
     from gemma3_core.detokenize import ByteDetokenizer
     from gemma3_core.tokenizer import encode, load_tokenizer
@@ -387,6 +396,7 @@ class TcpProxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+@LOCAL_ONLY
 def test_triton_outage_and_recovery(gateway: GatewayTarget, tmp_path: Path) -> None:
     triton = local_only(gateway)
     proxy = TcpProxy(str(triton.grpc_url))

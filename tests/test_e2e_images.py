@@ -25,13 +25,20 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from stack.triton_launcher import free_port
-from tests.fixtures.gateway import CARD_MULTIMODAL, GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.gateway import (
+    CARD_MULTIMODAL,
+    LOCAL_ONLY,
+    NEEDS_CURL,
+    GatewayTarget,
+    gateway_env,
+    run_gateway,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-Image = pytest.importorskip("PIL.Image")
 
 MAX_TOKENS = 8
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -164,7 +171,8 @@ def hf_prompt_tokens(gateway: GatewayTarget, messages: list[dict[str, Any]], ima
     """HF's count: our template rendering, then transformers' Gemma3Processor (expansion + tokenizer)."""
     if gateway.triton is None:
         pytest.skip("needs the local tokenizer")
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from gemma3_core.chat_template import render_chat
 
     template = [
@@ -205,6 +213,7 @@ def hf_prompt_tokens(gateway: GatewayTarget, messages: list[dict[str, Any]], ima
 @pytest.mark.parametrize(
     ("make", "media_type"), [(red_png, "image/png"), (noise_jpeg, "image/jpeg")], ids=["png", "jpeg"]
 )
+@LOCAL_ONLY
 def test_data_url_counts_like_hf(
     gateway: GatewayTarget, sdk: openai.OpenAI, make: Any, media_type: str
 ) -> None:
@@ -219,6 +228,7 @@ def test_data_url_counts_like_hf(
     assert completion.usage.prompt_tokens > 256
 
 
+@LOCAL_ONLY
 def test_two_images_in_one_message(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
     images = [red_png(), noise_jpeg()]
     messages = ask(data_url(images[0]), data_url(images[1], "image/jpeg"), text="Compare the images.")
@@ -244,6 +254,7 @@ def test_streaming_with_image(gateway: GatewayTarget, sdk: openai.OpenAI) -> Non
     assert streamed == greedy(sdk, gateway.model, messages).choices[0].message.content
 
 
+@LOCAL_ONLY
 def test_http_url_from_allow_listed_host(
     gateway: GatewayTarget, allow_gateway: str, image_host: ImageHost
 ) -> None:
@@ -260,6 +271,7 @@ def test_http_url_from_allow_listed_host(
     assert error["param"] == "messages[1].content[1].image_url.url"
 
 
+@LOCAL_ONLY
 def test_slow_image_host_does_not_stall_other_requests(
     gateway: GatewayTarget, allow_gateway: str, image_host: ImageHost
 ) -> None:
@@ -340,6 +352,7 @@ def test_too_many_images(gateway: GatewayTarget, http: httpx.Client) -> None:
 
 
 # --- the model card's multimodal example -------------------------------------------------------------------
+@NEEDS_CURL
 def test_model_card_multimodal_example_with_data_url(gateway: GatewayTarget, tmp_path: Path) -> None:
     curl = shutil.which("curl")
     if curl is None:

@@ -19,11 +19,11 @@ import httpx
 import openai
 import pytest
 
-from gateway.triton_stream import TritonResponse
+from gateway.triton.tensors import TritonResponse
 from stack.triton_launcher import free_port
-from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.gateway import LOCAL_ONLY, GatewayTarget, gateway_env, run_gateway
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, LOCAL_ONLY]
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 MAX_TOKENS = 12
@@ -45,8 +45,8 @@ class LoraSetup:
 def lora_setup(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory) -> LoraSetup:
     if gateway.external or gateway.triton is None:
         pytest.skip("needs the local Triton started by the test session")
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import peft
+    import torch
     from transformers import AutoModelForCausalLM
 
     from gemma3_core.chat_template import render_chat
@@ -176,7 +176,7 @@ async def test_engine_cache_miss_is_retried_with_weights(
     makes the gateway resend once with the weights, and the client sees a normal answer."""
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
-    from gateway.triton_stream import TritonStreamClient
+    from gateway.triton.client import TritonStreamClient
 
     triton = gateway.triton
     settings = GatewaySettings(

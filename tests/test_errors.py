@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gateway.errors import triton_api_error
-from gateway.triton_stream import InputSpec, ModelSpec, TritonError, build_inputs
+from gateway.triton.errors import TritonError
+from gateway.triton.tensors import InputSpec, ModelSpec, build_inputs
 from tests.fixtures.asgi import gateway_client as _client
 from tests.fixtures.backends import MODEL, USER, Scripted
 
@@ -21,7 +22,7 @@ async def test_triton_queue_full_is_429() -> None:
 
 
 def test_queue_full_messages_are_classified() -> None:
-    from gateway.triton_stream import _queue_full
+    from gateway.triton.errors import queue_full as _queue_full
 
     assert _queue_full("Exceeds maximum queue size") is not None
     assert _queue_full("in ensemble 'ensemble', Exceeds maximum queue size").kind == "overloaded"  # type: ignore[union-attr]

@@ -15,7 +15,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import TritonError, TritonResponse
+from gateway.triton.errors import TritonError
+from gateway.triton.tensors import TritonResponse
 from gemma3_core.chat_template import render_chat
 from tests.fixtures.asgi import asgi_client
 from tests.fixtures.backends import (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gateway.lora_registry import stable_task_id
-from gateway.triton_stream import InputSpec, ModelSpec
+from gateway.triton.tensors import InputSpec, ModelSpec
 from tests.fixtures.asgi import engine_client as client
 from tests.fixtures.backends import MODEL, USER, Engine
 

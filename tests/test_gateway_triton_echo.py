@@ -108,10 +108,7 @@ class EchoTriton:
         self.process: Any = None
 
     def start(self) -> None:
-        try:
-            self.process = self.launcher.start(self.repo, ports=self.ports, workdir=self.workdir)
-        except self.launcher.LauncherError as exc:
-            pytest.skip(f"tritonserver cannot run here: {exc}")
+        self.process = self.launcher.start(self.repo, ports=self.ports, workdir=self.workdir)
         self.process.wait_ready(180)
 
     def stop(self) -> None:

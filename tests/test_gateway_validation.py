@@ -16,7 +16,7 @@ import pytest
 from gateway.app import create_app
 from gateway.errors import APIError
 from gateway.settings import GatewaySettings
-from gateway.triton_stream import TritonResponse
+from gateway.triton.tensors import TritonResponse
 from gateway.validation import parse_chat_request
 from tests.fixtures.asgi import asgi_client
 from tests.fixtures.backends import AlwaysReadyBackend

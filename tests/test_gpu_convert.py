@@ -15,16 +15,14 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch
 import torch
 from torch import nn
 
-ct = pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (the `build` extra)")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-from build_engine.gpu import checkpoint as ckpt  # noqa: E402
-from build_engine.gpu import convert  # noqa: E402
-from build_engine.gpu.checkpoint import UnsupportedCheckpoint  # noqa: E402
-from gemma3_core import constants as C  # noqa: E402
+from build_engine.gpu import checkpoint as ckpt
+from build_engine.gpu import convert
+from build_engine.gpu.checkpoint import UnsupportedCheckpoint
+from gemma3_core import constants as C
 
 VOCAB = C.GEMMA3_27B.vocab_size  # 262208: the real vocabulary, so the config assertion means something
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, GROUP = 256, 2, 2, 128, 512, 2, 128

@@ -11,6 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.image_utils import load_image
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
 
 from gemma3_core import images as gi
 from gemma3_core.constants import (
@@ -20,11 +23,6 @@ from gemma3_core.constants import (
     IMAGE_SOFT_TOKEN_ID,
     MM_TOKENS_PER_IMAGE,
 )
-
-transformers = pytest.importorskip("transformers")
-from transformers.image_utils import load_image  # noqa: E402
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil  # noqa: E402
-from transformers.models.gemma3.processing_gemma3 import Gemma3Processor  # noqa: E402
 
 TOL = 1 / 127.5  # one uint8 step after normalisation; we expect (and get) exact equality
 

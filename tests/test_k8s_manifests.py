@@ -771,7 +771,7 @@ def test_queue_compute_rule_on_two_real_scrapes(double_triton: Any, tmp_path: Pa
 @pytest.mark.e2e
 def test_gateway_client_accepts_a_dns_target(double_triton: Any) -> None:
     """The `dns:///name:port` form the manifests give TRITON_GRPC_URL works with the gateway's own client."""
-    from gateway.triton_stream import TritonStreamClient
+    from gateway.triton.client import TritonStreamClient
 
     async def probe() -> tuple[bool, str]:
         client = TritonStreamClient(f"dns:///localhost:{double_triton.ports.grpc}", "ensemble")

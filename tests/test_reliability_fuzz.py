@@ -15,15 +15,14 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-from build_engine.cpu import CpuArtifacts, cache_root  # noqa: E402
-from gemma3_core import constants as C  # noqa: E402
-from stack.triton_launcher import free_port  # noqa: E402
-from tests.fixtures.double import run_double  # noqa: E402
-from tests.fixtures.gateway import gateway_env, run_gateway  # noqa: E402
+from build_engine.cpu import CpuArtifacts, cache_root
+from gemma3_core import constants as C
+from stack.triton_launcher import free_port
+from tests.fixtures.double import run_double
+from tests.fixtures.gateway import gateway_env, run_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

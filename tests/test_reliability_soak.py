@@ -19,10 +19,9 @@ RSS_GROWTH_LIMIT_MIB = 25.0
 
 
 def test_soak_reduced() -> None:
-    from build_engine.cpu import CpuArtifacts, cache_root
+    from build_engine.cpu import cache_root, prepare
 
-    if not (CpuArtifacts(cache_root()).tokenizer_dir / "tokenizer.json").exists():
-        pytest.skip("CPU artifacts not prepared (run `python -m build_engine cpu`)")
+    prepare(cache_root())  # a no-op once prepared
     plan = soak.SoakPlan(
         engine="double",
         clients=64,

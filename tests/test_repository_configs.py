@@ -15,29 +15,10 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engine import render
-
-mc = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is needed")
-
-
-def _missing_templates(target: str) -> list[str]:
-    return [
-        src
-        for src, _ in render.TARGET_MODELS[target]
-        if not (render.TEMPLATES_DIR / src / "config.pbtxt").exists()
-    ]
-
-
-def _values(target: str, tmp: Path) -> dict[str, str]:
-    if target == "cpu":
-        from build_engine.cpu import CpuArtifacts, repository_values
-
-        return repository_values(CpuArtifacts(tmp / "cache"))
-    from build_engine.gpu.repository import repository_values
-    from build_engine.gpu.settings import BuildSettings
-
-    return repository_values(BuildSettings(work_dir=tmp / "engines"))
+from tests.fixtures.repository import render_target
 
 
 @dataclass
@@ -48,17 +29,11 @@ class Model:
 
 @pytest.fixture(params=["cpu", "gpu"])
 def rendered(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Model]:
-    target = request.param
-    missing = _missing_templates(target)
-    if missing:
-        pytest.skip(f"{target}: templates not written yet: {', '.join(missing)}")
-    files = render.plan(target, tmp_path / "repo", _values(target, tmp_path))
     models = {}
-    for f in files:
-        assert "${" not in f.text, f"{f.path}: unfilled placeholder"
-        cfg = text_format.Parse(f.text, mc.ModelConfig())
-        assert cfg.name == f.path.parent.name, f"{f.path}: name {cfg.name!r} != directory"
-        models[cfg.name] = Model(cfg, f.text)
+    for m in render_target(request.param, tmp_path):
+        assert "${" not in m.text, f"{m.template}: unfilled placeholder"
+        assert m.config.name == m.name, f"{m.template}: name {m.config.name!r} != directory {m.name!r}"
+        models[m.name] = Model(m.config, m.text)
     return models
 
 

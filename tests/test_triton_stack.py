@@ -136,18 +136,18 @@ async def test_cancellation_frees_the_engine(triton_server, tokenizer) -> None:
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        (lambda: [tensor("max_tokens", [[8]], np.int32)], "text_input"),
-        (lambda: ensemble_inputs("", 8), "empty"),
-        (lambda: ensemble_inputs(PROMPTS[0], 0), "max_tokens"),
-        (lambda: ensemble_inputs(PROMPTS[0], -5), "max_tokens"),
-        (lambda: ensemble_inputs("<bos>" + "word " * 3000, 8), "context"),
-        (lambda: ensemble_inputs("<bos>look: " + C.IMAGE_SOFT_TOKEN, 8), C.IMAGE_SOFT_TOKEN),
-        (lambda: ensemble_inputs("<bos>" + C.START_OF_IMAGE, 8), "image"),
-        (lambda: ensemble_inputs(PROMPTS[0], 8, images=[b"not an image"]), "image"),
+        (lambda n: [tensor("max_tokens", [[8]], np.int32)], "text_input"),
+        (lambda n: ensemble_inputs("", 8), "empty"),
+        (lambda n: ensemble_inputs(PROMPTS[0], 0), "max_tokens"),
+        (lambda n: ensemble_inputs(PROMPTS[0], -5), "max_tokens"),
+        (lambda n: ensemble_inputs("<bos>" + "word " * (n + 16), 8), "context"),
+        (lambda n: ensemble_inputs("<bos>look: " + C.IMAGE_SOFT_TOKEN, 8), C.IMAGE_SOFT_TOKEN),
+        (lambda n: ensemble_inputs("<bos>" + C.START_OF_IMAGE, 8), "image"),
+        (lambda n: ensemble_inputs(PROMPTS[0], 8, images=[b"not an image"]), "image"),
     ],
-)
+)  # n: the served context (max_seq_len)
 async def test_bad_input_is_a_clean_error(triton_server, inputs, message: str) -> None:
-    res = await stream(triton_server.grpc_url, "ensemble", inputs(), timeout=30)
+    res = await stream(triton_server.grpc_url, "ensemble", inputs(triton_server.max_model_len), timeout=30)
     assert res.error is not None, "expected an error response"
     assert message.lower() in res.error.lower(), res.error
 

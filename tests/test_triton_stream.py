@@ -1,4 +1,4 @@
-"""Triton tensors and responses (gateway/triton_stream.py): inputs the deployed config declares, parsed
+"""Triton tensors and responses (gateway/triton/tensors.py): inputs the deployed config declares, parsed
 results (text or engine ids), requested outputs."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
 from gateway.sampling import UINT64_MOD
-from gateway.triton_stream import (
+from gateway.triton.errors import TritonError
+from gateway.triton.tensors import (
     ID_OUTPUTS,
     InputSpec,
     ModelSpec,
-    TritonError,
     build_inputs,
     parse_result,
     requested_outputs,

@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from gemma3_core import vision as gv
 from gemma3_core.constants import GEMMA3_27B, GEMMA3_270M
-
-transformers = pytest.importorskip("transformers")
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration  # noqa: E402
 
 TEXT_HIDDEN = 40  # √40 is not representable in bf16: the scale-rounding assertions bite
 IMAGE_TOKEN = 1000  # inside the tiny vocab so HF's embedding lookup stays in range
@@ -202,7 +200,6 @@ def test_synthetic_deterministic_and_real_path(tmp_path: Path) -> None:
 
 
 def test_onnx_matches_torch(hf_model: Any, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
     from build_engine.vision_export import check_onnx, export_onnx, trtexec_command
 
     enc = gv.Gemma3VisionEncoder.from_hf_gemma3(hf_model, hf_model.config)
@@ -237,7 +234,6 @@ def test_onnx_matches_torch(hf_model: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_onnx_fp16_synthetic_full_size(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
     from build_engine.vision_export import check_onnx, export_onnx
 
     enc = gv.synthetic_for_text_model(hidden_size=GEMMA3_270M.hidden_size, seed=0)

@@ -9,7 +9,8 @@ import triton_python_backend_utils as pb_utils
 
 from gemma3_core.detokenize import ByteDetokenizer
 from gemma3_core.tokenizer import load_tokenizer
-from gemma3_core.triton_io import param
+from triton_io.contract import Postprocessing
+from triton_io.python_model import param
 
 
 class TritonPythonModel:
@@ -20,8 +21,8 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
+            tokens = pb_utils.get_input_tensor_by_name(request, Postprocessing.TOKENS_BATCH).as_numpy()
+            lengths = pb_utils.get_input_tensor_by_name(request, Postprocessing.SEQUENCE_LENGTH).as_numpy()
             batch = tokens.shape[0]
             # [batch, beams, len]; no -1 for beams: a final response may carry zero tokens (end_id, cancel)
             tokens = tokens.reshape(batch, lengths.size // batch, tokens.shape[-1])
@@ -30,5 +31,5 @@ class TritonPythonModel:
             for b in range(tokens.shape[0]):
                 for k in range(tokens.shape[1]):
                     text[b, k] = self.detok.token_bytes(tokens[b, k, : int(lengths[b, k])])
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", text)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(Postprocessing.OUTPUT, text)]))
         return responses

@@ -7,7 +7,9 @@ import triton_python_backend_utils as pb_utils
 
 from gemma3_core.preprocess import PrepError, prepare_request
 from gemma3_core.tokenizer import load_tokenizer
-from gemma3_core.triton_io import optional_blobs, optional_scalar, optional_strings, param, scalar, strings
+from triton_io.contract import Preprocessing as P
+from triton_io.contract import VisionEncoder
+from triton_io.python_model import optional_blobs, optional_scalar, optional_strings, param, scalar, strings
 
 
 class TritonPythonModel:
@@ -25,44 +27,47 @@ class TritonPythonModel:
 
     def _one(self, request) -> pb_utils.InferenceResponse:
         try:
-            query = strings(request, "QUERY")
+            query = strings(request, P.QUERY)
             if len(query) != 1:
                 raise PrepError(f"send one prompt per request (batch size 1), got {len(query)}")
             p = prepare_request(
                 self.tok,
                 query[0],
-                int(scalar(request, "REQUEST_OUTPUT_LEN")),
+                int(scalar(request, P.REQUEST_OUTPUT_LEN)),
                 max_seq_len=self.max_seq_len,
                 engine_vocab_size=self.vocab_size,
-                stop_words=optional_strings(request, "STOP_WORDS_DICT"),
-                bad_words=optional_strings(request, "BAD_WORDS_DICT"),
-                end_id=optional_scalar(request, "END_ID"),
-                pad_id=optional_scalar(request, "PAD_ID"),
-                images=optional_blobs(request, "IMAGES"),
+                stop_words=optional_strings(request, P.STOP_WORDS_DICT),
+                bad_words=optional_strings(request, P.BAD_WORDS_DICT),
+                end_id=optional_scalar(request, P.END_ID),
+                pad_id=optional_scalar(request, P.PAD_ID),
+                images=optional_blobs(request, P.IMAGES),
             )
         except ValueError as exc:  # PrepError, missing inputs, undecodable text
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing: {exc}"))
         i32 = np.int32
         out = [
-            pb_utils.Tensor("INPUT_ID", p.input_ids[None, :]),
-            pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[p.input_ids.size]], dtype=i32)),
-            pb_utils.Tensor("REQUEST_OUTPUT_LEN", np.array([[p.output_len]], dtype=i32)),
-            pb_utils.Tensor("STOP_WORDS_IDS", p.stop_words[None]),
-            pb_utils.Tensor("BAD_WORDS_IDS", p.bad_words[None]),
-            pb_utils.Tensor("OUT_END_ID", np.array([[p.end_id]], dtype=i32)),
-            pb_utils.Tensor("OUT_PAD_ID", np.array([[p.pad_id]], dtype=i32)),
+            pb_utils.Tensor(P.INPUT_ID, p.input_ids[None, :]),
+            pb_utils.Tensor(P.REQUEST_INPUT_LEN, np.array([[p.input_ids.size]], dtype=i32)),
+            pb_utils.Tensor(P.REQUEST_OUTPUT_LEN, np.array([[p.output_len]], dtype=i32)),
+            pb_utils.Tensor(P.STOP_WORDS_IDS, p.stop_words[None]),
+            pb_utils.Tensor(P.BAD_WORDS_IDS, p.bad_words[None]),
+            pb_utils.Tensor(P.OUT_END_ID, np.array([[p.end_id]], dtype=i32)),
+            pb_utils.Tensor(P.OUT_PAD_ID, np.array([[p.pad_id]], dtype=i32)),
         ]
         if p.pixel_values is not None and p.extra_ids is not None:
             encoded = pb_utils.InferenceRequest(
                 model_name=self.vision_model,
-                inputs=[pb_utils.Tensor("pixel_values", p.pixel_values[None])],
-                requested_output_names=["prompt_embedding_table", "prompt_vocab_size"],
+                inputs=[pb_utils.Tensor(VisionEncoder.PIXEL_VALUES, p.pixel_values[None])],
+                requested_output_names=[
+                    VisionEncoder.PROMPT_EMBEDDING_TABLE,
+                    VisionEncoder.PROMPT_VOCAB_SIZE,
+                ],
             ).exec()
             if encoded.has_error():
                 return pb_utils.InferenceResponse(error=pb_utils.TritonError(encoded.error().message()))
             for name, out_name in (
-                ("prompt_embedding_table", "OUT_PROMPT_EMBEDDING_TABLE"),
-                ("prompt_vocab_size", "OUT_PROMPT_VOCAB_SIZE"),
+                (VisionEncoder.PROMPT_EMBEDDING_TABLE, P.OUT_PROMPT_EMBEDDING_TABLE),
+                (VisionEncoder.PROMPT_VOCAB_SIZE, P.OUT_PROMPT_VOCAB_SIZE),
             ):
                 # via DLPack: the table may be BF16 (GPU engine), which numpy cannot hold
                 out.append(
@@ -70,5 +75,5 @@ class TritonPythonModel:
                         out_name, pb_utils.get_output_tensor_by_name(encoded, name).to_dlpack()
                     )
                 )
-            out.append(pb_utils.Tensor("OUT_PROMPT_TABLE_EXTRA_IDS", p.extra_ids[None, :]))
+            out.append(pb_utils.Tensor(P.OUT_PROMPT_TABLE_EXTRA_IDS, p.extra_ids[None, :]))
         return pb_utils.InferenceResponse(out)

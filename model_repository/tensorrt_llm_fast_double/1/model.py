@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gemma3_core.triton_io import optional_scalar, param, tensor
-from gemma3_core.words import from_word_list
+from triton_io.contract import Engine
+from triton_io.engine_request import EngineRequest
+from triton_io.python_model import param
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-OUTPUTS = ("output_ids", "sequence_length", "num_input_tokens", "num_output_tokens")
+OUTPUTS = (Engine.OUTPUT_IDS, Engine.SEQUENCE_LENGTH, Engine.NUM_INPUT_TOKENS, Engine.NUM_OUTPUT_TOKENS)
+_OUTPUT_IDS, _SEQUENCE_LENGTH, _NUM_INPUT_TOKENS, _NUM_OUTPUT_TOKENS = OUTPUTS  # per-token: plain names
 # is_cancelled() is an IPC round trip to tritonserver; polling it per token would bill the double's own
 # work to the server we are measuring, so it is polled at most this often per request.
 CANCEL_POLL_S = 0.05
@@ -59,14 +61,10 @@ class _Cycle:
         return self.ids[pos % len(self.ids)]
 
 
-class DoubleRequestError(ValueError):
-    pass
-
-
 @dataclass(eq=False)
 class _Stream:
     sender: Any
-    prompt: np.ndarray
+    prompt: list[int]
     max_new: int
     end_id: int
     min_tokens: int
@@ -162,15 +160,15 @@ def _respond(st: _Stream, ids: list[int], final: bool) -> None:
         out, length = st.cycle.arrays[ids[0]], _ONE
         count = _ONE
     else:
-        row = ids if st.streaming or st.exclude_input else [*st.prompt.tolist(), *ids]
+        row = ids if st.streaming or st.exclude_input else [*st.prompt, *ids]
         out = np.asarray(row, dtype=np.int32).reshape(1, 1, -1)
         length = np.array([[out.shape[-1]]], dtype=np.int32)
         count = np.array([[len(ids)]], dtype=np.int32)
     values = {
-        "output_ids": out,
-        "sequence_length": length,
-        "num_input_tokens": st.n_in,
-        "num_output_tokens": count,
+        _OUTPUT_IDS: out,
+        _SEQUENCE_LENGTH: length,
+        _NUM_INPUT_TOKENS: st.n_in,
+        _NUM_OUTPUT_TOKENS: count,
     }
     # Only what the client asked for (Triton drops the rest anyway, after paying to carry it here).
     tensors = [pb_utils.Tensor(name, values[name]) for name in st.outputs]
@@ -235,29 +233,17 @@ class TritonPythonModel:
         self.pacer.shutdown()
 
     def _parse(self, request: Any, sender: Any) -> _Stream:
-        # Same refusals, same messages' intent, as the reference engine (tensorrt_llm_reference/1/model.py).
-        ids = tensor(request, "input_ids")
-        if ids is None or ids.size == 0:
-            raise DoubleRequestError("input_ids is required")
-        ids = ids.reshape(-1)
-        if optional_scalar(request, "beam_width", 1) != 1:
-            raise DoubleRequestError("beam_width 1 only")
-        max_new = int(optional_scalar(request, "request_output_len", 0))
-        if max_new <= 0:
-            raise DoubleRequestError(f"request_output_len must be at least 1, got {max_new}")
-        if ids.size >= self.max_seq_len:
-            raise DoubleRequestError(f"prompt has {ids.size} tokens; the context is {self.max_seq_len}")
-        stop = tensor(request, "stop_words_list")
+        parsed = EngineRequest.from_triton(request, max_seq_len=self.max_seq_len, engine="the fast double")
         return _Stream(
             sender=sender,
-            prompt=ids,
-            max_new=min(max_new, self.max_seq_len - int(ids.size)),
-            end_id=int(optional_scalar(request, "end_id", 1)),
-            min_tokens=int(optional_scalar(request, "min_tokens", 0)),
-            streaming=bool(optional_scalar(request, "streaming", False)),
-            exclude_input=bool(optional_scalar(request, "exclude_input_in_output", False)),
-            stop_words=from_word_list(stop) if stop is not None and stop.size else [],
-            n_in=np.array([[ids.size]], dtype=np.int32),
+            prompt=parsed.input_ids,
+            max_new=parsed.max_new_tokens,
+            end_id=parsed.end_id,
+            min_tokens=parsed.min_tokens,
+            streaming=parsed.streaming,
+            exclude_input=parsed.exclude_input,
+            stop_words=parsed.stop_words,
+            n_in=np.array([[len(parsed.input_ids)]], dtype=np.int32),
             outputs=tuple(n for n in OUTPUTS if n in set(request.requested_output_names())),
             cycle=self.cycle,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -10,15 +11,15 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from gemma3_core.triton_io import optional_scalar, param, tensor
-from gemma3_core.words import from_word_list
 from stack.reference_engine import (
-    EngineRequestError,
     GenerationRequest,
     ReferenceEngine,
     Sampling,
     load_model,
 )
+from triton_io.contract import Engine
+from triton_io.engine_request import EngineRequest
+from triton_io.python_model import param
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -57,60 +58,20 @@ class TritonPythonModel:
         self.engine.shutdown()
 
     def _parse(self, request: Any, sender: Any) -> GenerationRequest:
-        ids = tensor(request, "input_ids")
-        if ids is None:
-            raise EngineRequestError("input_ids is required")
-        ids = ids.reshape(-1).astype(np.int64)
-        if ids.size == 0:
-            raise EngineRequestError("input_ids is empty")
-        if optional_scalar(request, "beam_width", 1) != 1:
-            raise EngineRequestError("the reference engine supports beam_width 1 only")
-        max_new = int(optional_scalar(request, "request_output_len", 0))
-        if max_new <= 0:
-            raise EngineRequestError(f"request_output_len must be at least 1, got {max_new}")
-        if ids.size >= self.max_seq_len:
-            raise EngineRequestError(
-                f"prompt has {ids.size} tokens; the context is {self.max_seq_len} tokens"
-            )
-        max_new = min(max_new, self.max_seq_len - int(ids.size))
-
-        streaming = bool(optional_scalar(request, "streaming", False))
-        exclude_input = bool(optional_scalar(request, "exclude_input_in_output", False))
-        sampling = Sampling(
-            temperature=float(optional_scalar(request, "temperature", 1.0)),
-            top_k=int(optional_scalar(request, "runtime_top_k", 0)),
-            top_p=float(optional_scalar(request, "runtime_top_p", 0.0)),
-            repetition_penalty=float(optional_scalar(request, "repetition_penalty", 1.0)),
-            presence_penalty=float(optional_scalar(request, "presence_penalty", 0.0)),
-            frequency_penalty=float(optional_scalar(request, "frequency_penalty", 0.0)),
-            seed=optional_scalar(request, "seed"),
+        parsed = EngineRequest.from_triton(
+            request, max_seq_len=self.max_seq_len, engine="the reference engine"
         )
-        if sampling.repetition_penalty <= 0:
-            raise EngineRequestError("repetition_penalty must be > 0")
-        stop = tensor(request, "stop_words_list")
-        bad = tensor(request, "bad_words_list")
-        table = tensor(request, "prompt_embedding_table")
         prompt_table = None
-        if table is not None and table.size:
-            prompt_table = torch.from_numpy(table.reshape(-1, table.shape[-1]).astype(np.float32))
-
+        if parsed.prompt_table is not None:
+            prompt_table = torch.from_numpy(parsed.prompt_table.astype(np.float32))
         lora = None
-        task_id = optional_scalar(request, "lora_task_id")
-        if task_id is not None:
-            weights, lcfg = tensor(request, "lora_weights"), tensor(request, "lora_config")
-            if weights is not None and lcfg is not None:
-                weights, lcfg = weights.reshape(-1, weights.shape[-1]), lcfg.reshape(-1, 3)
-            lora = self.lora_hooks.resolve(
-                int(task_id), weights, lcfg
-            )  # cache miss -> TensorRT-LLM's message
+        if parsed.lora_task_id is not None:  # cache miss -> TensorRT-LLM's message
+            lora = self.lora_hooks.resolve(parsed.lora_task_id, parsed.lora_weights, parsed.lora_config)
+        guided = None if parsed.guide is None else self._guided(*parsed.guide)
 
-        guided = None
-        guide_type = tensor(request, "guided_decoding_guide_type")
-        if guide_type is not None and guide_type.size:
-            guided = self._guided(request, guide_type)
-
-        prompt = ids.tolist()
+        prompt = parsed.input_ids
         n_in = len(prompt)
+        streaming, exclude_input = parsed.streaming, parsed.exclude_input
 
         def sink(new_ids: list[int], final: bool, error: str | None) -> None:
             flags = FINAL if final else 0
@@ -120,24 +81,26 @@ class TritonPythonModel:
             out_ids = new_ids if streaming or exclude_input else prompt + new_ids
             arr = np.asarray(out_ids, dtype=np.int32).reshape(1, 1, -1)
             tensors = [
-                pb_utils.Tensor("output_ids", arr),
-                pb_utils.Tensor("sequence_length", np.array([[arr.shape[-1]]], dtype=np.int32)),
+                pb_utils.Tensor(Engine.OUTPUT_IDS, arr),
+                pb_utils.Tensor(Engine.SEQUENCE_LENGTH, np.array([[arr.shape[-1]]], dtype=np.int32)),
             ]
             # Counts are always produced (cheap), whatever return_num_*_tokens says: the ensemble maps them.
-            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([[n_in]], dtype=np.int32)))
-            tensors.append(pb_utils.Tensor("num_output_tokens", np.array([[len(new_ids)]], dtype=np.int32)))
+            tensors.append(pb_utils.Tensor(Engine.NUM_INPUT_TOKENS, np.array([[n_in]], dtype=np.int32)))
+            tensors.append(
+                pb_utils.Tensor(Engine.NUM_OUTPUT_TOKENS, np.array([[len(new_ids)]], dtype=np.int32))
+            )
             sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
 
         return GenerationRequest(
             input_ids=prompt,
-            max_new_tokens=max_new,
+            max_new_tokens=parsed.max_new_tokens,
             sink=sink,
-            end_id=int(optional_scalar(request, "end_id", 1)),
-            min_tokens=int(optional_scalar(request, "min_tokens", 0)),
+            end_id=parsed.end_id,
+            min_tokens=parsed.min_tokens,
             streaming=streaming,
-            sampling=sampling,
-            stop_words=from_word_list(stop) if stop is not None and stop.size else [],
-            bad_words=from_word_list(bad) if bad is not None and bad.size else [],
+            sampling=Sampling(**dataclasses.asdict(parsed.sampling)),
+            stop_words=parsed.stop_words,
+            bad_words=parsed.bad_words,
             prompt_table=prompt_table,
             lora=lora,
             guided=guided,
@@ -145,14 +108,8 @@ class TritonPythonModel:
             request_id=request.request_id(),
         )
 
-    def _guided(self, request: Any, guide_type: np.ndarray) -> Any:
+    def _guided(self, kind: str, text: str) -> Any:
         from gemma3_core.guided import GuidedDecoder, tokenizer_info_from_tokenizer_json
-
-        kind = guide_type.reshape(-1)[0]
-        guide = tensor(request, "guided_decoding_guide")
-        text = guide.reshape(-1)[0] if guide is not None and guide.size else b""
-        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-        text = text.decode() if isinstance(text, bytes) else str(text)
         from gemma3_core.tokenizer import load_tokenizer
 
         # xgrammar needs room for every tokenizer entry: the 270M's logits (262144) stop short of the

@@ -15,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from gemma3_core.vision import load_vision_runner
+from triton_io.contract import VisionEncoder
 
 
 class TritonPythonModel:
@@ -37,12 +38,14 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                pixels = pb_utils.get_input_tensor_by_name(request, "pixel_values").as_numpy()
+                pixels = pb_utils.get_input_tensor_by_name(request, VisionEncoder.PIXEL_VALUES).as_numpy()
                 table = self.runner(np.asarray(pixels.reshape(-1, *pixels.shape[-3:]), dtype=np.float32))
                 rows = np.asarray(table, dtype=np.float32).reshape(1, -1, table.shape[-1])
                 out = [
                     self._table_tensor(rows),
-                    pb_utils.Tensor("prompt_vocab_size", np.array([[rows.shape[1]]], dtype=np.int32)),
+                    pb_utils.Tensor(
+                        VisionEncoder.PROMPT_VOCAB_SIZE, np.array([[rows.shape[1]]], dtype=np.int32)
+                    ),
                 ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=out))
             except Exception as e:  # one bad request must not fail the others in the batch
@@ -52,11 +55,13 @@ class TritonPythonModel:
 
     def _table_tensor(self, rows: np.ndarray) -> Any:
         if not self.bf16:
-            return pb_utils.Tensor("prompt_embedding_table", rows.astype(np.float16))
+            return pb_utils.Tensor(VisionEncoder.PROMPT_EMBEDDING_TABLE, rows.astype(np.float16))
         import torch  # numpy has no bfloat16: hand the tensor over through DLPack
 
         table = torch.from_numpy(rows).to(torch.bfloat16).contiguous()
-        return pb_utils.Tensor.from_dlpack("prompt_embedding_table", torch.utils.dlpack.to_dlpack(table))
+        return pb_utils.Tensor.from_dlpack(
+            VisionEncoder.PROMPT_EMBEDDING_TABLE, torch.utils.dlpack.to_dlpack(table)
+        )
 
     def finalize(self) -> None:
         self.runner = None

@@ -1,4 +1,4 @@
-"""Small helpers for Triton Python models: reading request tensors and model parameters.
+"""Helpers for Triton Python models: reading request tensors and model parameters.
 
 Imported only inside Triton (it needs `triton_python_backend_utils`, which the backend stub provides).
 """
