@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engine.gpu import build, pipeline, repository, rope, verify
+from build_engine.gpu import build, pipeline, repository, verify
+from build_engine.gpu import gemma3_fixes as rope
 from build_engine.gpu.settings import (
     PROFILES,
     TRITON_IMAGE,
@@ -33,7 +34,7 @@ def test_trtllm_build_command(profile: str, tmp_path: Path) -> None:
     expect = {
         "--checkpoint_dir": str(s.trtllm_checkpoint_dir),
         "--output_dir": str(s.engine_dir),
-        "--model_cls_file": str(build.ROPE_MODULE),
+        "--model_cls_file": str(build.FIXES_MODULE),
         "--model_cls_name": rope.MODEL_CLS_NAME,
         "--max_batch_size": str(p.max_batch_size),
         "--max_input_len": str(p.max_input_len),
@@ -73,13 +74,18 @@ def test_pinned_image_in_one_place() -> None:
     compose = (Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text()
     env = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
     assert f"TRITON_IMAGE_TAG={TRITON_IMAGE_TAG}" in env.splitlines()
-    assert TRITON_IMAGE_TAG not in compose  # compose reads the tag from .env
+    # compose's default tag (used without a .env) is the tested one, and the only tag it names
+    import re
+
+    defaults = re.findall(r"\$\{TRITON_IMAGE_TAG:-([^}]*)\}", compose)
+    assert defaults and set(defaults) == {TRITON_IMAGE_TAG}
+    assert compose.count(TRITON_IMAGE_TAG) == len(defaults)
 
 
 # --- RoPE --------------------------------------------------------------------------------------------
 def test_rope_module_is_self_contained() -> None:
     """trtllm-build loads it with SourceFileLoader: only stdlib, numpy and tensorrt_llm may be imported."""
-    tree = ast.parse(build.ROPE_MODULE.read_text())
+    tree = ast.parse(build.FIXES_MODULE.read_text())
     roots = {
         (n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
         for n in ast.walk(tree)
@@ -87,11 +93,11 @@ def test_rope_module_is_self_contained() -> None:
         for a in (n.names if isinstance(n, ast.Import) else [n])
     }
     assert roots <= {"__future__", "math", "typing", "numpy", "tensorrt_llm"}, roots
-    spec = importlib.util.spec_from_file_location("models", build.ROPE_MODULE)
+    spec = importlib.util.spec_from_file_location("models", build.FIXES_MODULE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # imports fine without tensorrt_llm
-    assert mod.MODEL_CLS_NAME == "Gemma3GlobalRopeScalingForCausalLM"
-    assert f"class {mod.MODEL_CLS_NAME}(GemmaForCausalLM)" in build.ROPE_MODULE.read_text()
+    assert mod.MODEL_CLS_NAME == "Gemma3FidelityFixesForCausalLM"
+    assert f"class {mod.MODEL_CLS_NAME}(GemmaForCausalLM)" in build.FIXES_MODULE.read_text()
 
 
 def test_hf_rope_reference_values() -> None:
@@ -130,6 +136,35 @@ def test_check_table_accepts_right_and_catches_upstream_bug() -> None:
         rope.check_table("global", bad_inv, bad_cs, A.rope_theta, dim, 8.0)
 
 
+# --- q/k-norm epsilon (the second fidelity fix) -----------------------------------------------------------
+def _fake_network(n_layers: int, eps: float = 1e-5) -> object:
+    """The attribute path upstream's RmsNorm sits on (layer.attention.{q,k}_layernorm.eps)."""
+    from types import SimpleNamespace as NS
+
+    layers = [NS(attention=NS(q_layernorm=NS(eps=eps), k_layernorm=NS(eps=eps))) for _ in range(n_layers)]
+    return NS(transformer=NS(layers=layers))
+
+
+def test_qk_norm_eps_is_set_on_every_layer() -> None:
+    net = _fake_network(A.num_layers)
+    assert rope.set_qk_norm_eps(net, 1e-6) == 2 * A.num_layers
+    assert {a.attention.q_layernorm.eps for a in net.transformer.layers} == {1e-6}
+    assert {a.attention.k_layernorm.eps for a in net.transformer.layers} == {1e-6}
+    broken = _fake_network(2)
+    del broken.transformer.layers[1].attention.k_layernorm
+    with pytest.raises(AssertionError, match="layer 1.*k_layernorm"):
+        rope.set_qk_norm_eps(broken, 1e-6)
+    with pytest.raises(ValueError, match="epsilon"):
+        rope.set_qk_norm_eps(_fake_network(1), 0.1)
+
+
+def test_checkpoint_config_carries_hf_norm_epsilon() -> None:
+    """The hook reads `norm_epsilon` from the checkpoint config the converter writes (HF rms_norm_eps)."""
+    src = build.FIXES_MODULE.read_text()
+    assert "model.config.norm_epsilon" in src and "set_qk_norm_eps(model, eps)" in src
+    assert "apply_fidelity_fixes(self)" in src
+
+
 # --- repository values ---------------------------------------------------------------------------------
 def test_repository_values(tmp_path: Path) -> None:
     s = BuildSettings(work_dir=tmp_path)
@@ -153,6 +188,26 @@ def test_repository_values(tmp_path: Path) -> None:
 
 
 # --- settings ----------------------------------------------------------------------------------------
+def test_fp16_is_refused_with_the_reason_and_the_gpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from build_engine.__main__ import main
+    from build_engine.gpu.settings import UnsupportedDtype
+
+    with pytest.raises(UnsupportedDtype, match=r"overflows in float16.*sm80"):
+        BuildSettings(work_dir=tmp_path, dtype="float16")
+    with pytest.raises(UnsupportedDtype):
+        settings_from_env({"ENGINE_DTYPE": "float16"})
+    assert main(["convert", "--dry-run", f"--work-dir={tmp_path}", "--dtype=float16"]) == 2
+    assert "bfloat16 only" in capsys.readouterr().err
+    assert BuildSettings(work_dir=tmp_path).triton_dtype == "TYPE_BF16"
+
+
+def test_engine_dtype_reaches_prompt_table_and_lora_weights(tmp_path: Path) -> None:
+    full = repository.repository_values(BuildSettings(work_dir=tmp_path))
+    assert full["prompt_embedding_table_data_type"] == full["lora_weights_data_type"] == "TYPE_BF16"
+
+
 def test_settings_from_env(tmp_path: Path) -> None:
     env = {
         "ENGINE_PROFILE": "throughput",

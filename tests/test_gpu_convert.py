@@ -488,7 +488,7 @@ def test_conversion_refuses_unknown_dtype(synthetic: tuple[Path, dict], tmp_path
 
 
 def test_conversion_refuses_float16_naming_the_reason(synthetic: tuple[Path, dict], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="overflows in float16.*bfloat16 only.*sm80"):
+    with pytest.raises(ValueError, match=r"overflows in float16.*bfloat16 only.*sm80"):
         convert.convert(synthetic[0], tmp_path / "x", dtype="float16")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
@@ -507,7 +507,7 @@ def _with_zero_points(src: Path, dst: Path, zero_points: dict[str, torch.Tensor]
 
 
 def _zp_shapes(module: str) -> tuple[int, int]:
-    blk, n, k = PROJ[module]
+    _blk, n, k = PROJ[module]
     return n, k // GROUP
 
 

@@ -175,13 +175,13 @@ def stage_build(s: BuildSettings) -> Stage:
         {
             "checkpoint": _file_sha(s.trtllm_checkpoint_dir / "config.json"),
             "conversion": _file_sha(s.trtllm_checkpoint_dir / "conversion.json"),
-            "rope_module": _file_sha(gpu_build.ROPE_MODULE),
+            "fixes_module": _file_sha(gpu_build.FIXES_MODULE),
             "image": TRITON_IMAGE,
             "command": cmd,
         },
         [
             Action(
-                f"trtllm-build, profile {s.profile.name} (Gemma 3 RoPE fix via --model_cls_file)",
+                f"trtllm-build, profile {s.profile.name} (Gemma 3 fidelity fixes via --model_cls_file)",
                 command=cmd,
                 writes=[s.engine_dir / "config.json"]
                 + [s.engine_dir / f"rank{r}.engine" for r in range(s.tp_size)],
