@@ -152,7 +152,7 @@ def test_qk_norm_eps_is_set_on_every_layer() -> None:
     assert {a.attention.k_layernorm.eps for a in net.transformer.layers} == {1e-6}
     broken = _fake_network(2)
     del broken.transformer.layers[1].attention.k_layernorm
-    with pytest.raises(AssertionError, match="layer 1.*k_layernorm"):
+    with pytest.raises(AssertionError, match=r"layer 1.*k_layernorm"):
         rope.set_qk_norm_eps(broken, 1e-6)
     with pytest.raises(ValueError, match="epsilon"):
         rope.set_qk_norm_eps(_fake_network(1), 0.1)

@@ -311,7 +311,7 @@ def trtllm_config(info: CheckpointInfo, tp: int, dtype: str) -> dict[str, object
         "norm_epsilon": info.rms_norm_eps,
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": a.rope_theta,
-        # Read by create_attention_const_params for the global table; build_engine/gpu/gemma3_fixes.py (the model
+        # Read by create_attention_const_params for the global table; gemma3_fixes.py (the model
         # class trtllm-build loads) keeps the local layers unscaled.
         "rotary_scaling": rotary_scaling,
         "rope_local_base_freq": a.rope_local_base_freq,
