@@ -386,7 +386,7 @@ def test_engine_build_failures_are_named(tmp_path: Path) -> None:
     from build_engine.vision_export import EngineSpec, build_engine
 
     spec = EngineSpec(tmp_path / "v.onnx", tmp_path / "e", image_size=56, max_batch=2)
-    with pytest.raises(RuntimeError, match="could not parse.*Unsupported ONNX op: Foo"):
+    with pytest.raises(RuntimeError, match=r"could not parse.*Unsupported ONNX op: Foo"):
         build_engine(spec, trt=FakeTrt(parse_ok=False))
     with pytest.raises(RuntimeError, match="failed to build"):
         build_engine(spec, trt=FakeTrt(build_ok=False))
@@ -400,7 +400,7 @@ def test_engine_build_failures_are_named(tmp_path: Path) -> None:
 def test_missing_packages_are_named_not_installed() -> None:
     from build_engine.vision_export import MissingPackage, require
 
-    with pytest.raises(MissingPackage, match="needs no_such_module_x.*installs nothing"):
+    with pytest.raises(MissingPackage, match=r"needs no_such_module_x.*installs nothing"):
         require("json", "no_such_module_x", purpose="the test")
     require("json", purpose="the test")
 
