@@ -313,3 +313,54 @@ def test_verify_long_prompt_is_longer_than_the_window() -> None:
     assert "PAPAYA-7" in text.splitlines()[0]
     img = verify.synthetic_image()
     assert img.startswith(b"\x89PNG")
+
+
+# --- long-context needles and the KV pools the engine reports ------------------------------------------
+def test_needle_lengths_follow_the_profile() -> None:
+    assert verify.needle_lengths(PROFILES["latency"].max_input_len) == [32_000, 100_000]
+    assert verify.needle_lengths(PROFILES["throughput"].max_input_len) == []
+
+
+def test_needle_document_puts_the_fact_beyond_every_window() -> None:
+    def enc(text: str) -> list[str]:
+        return text.split()
+
+    text = verify.long_text(20_000, enc, needle="MANGO-31", step=200)
+    n = len(enc(verify.chat_prompt(text)))
+    assert 20_000 <= n < 20_000 + verify.NEEDLE_OVERSHOOT
+    first, last = text.splitlines()[0], text.splitlines()[-1]
+    assert "MANGO-31" in first and "MANGO" not in "\n".join(text.splitlines()[1:])
+    assert last.startswith("Question:")
+
+
+def test_needle_retrieval_and_evaluation() -> None:
+    assert verify.retrieved("MANGO-31", "The code word is **mango 31**.")
+    assert not verify.retrieved("MANGO-31", "The code word is PAPAYA-7.")
+    nan = float("nan")
+    good = verify.CaseResult(
+        "n", "needle", 100_000, False, nan, nan, nan, nan, 0, hf_compared=False, retrieved=True
+    )
+    bad = verify.CaseResult(
+        "n", "needle", 100_000, False, nan, nan, nan, nan, 0, hf_compared=False, retrieved=False
+    )
+    assert verify.evaluate([good], verify.Thresholds()) == (True, [])
+    ok, why = verify.evaluate([bad], verify.Thresholds())
+    assert not ok and "needle" in why[0]
+
+
+def test_native_output_is_captured_and_parsed(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    line = (
+        "[TensorRT-LLM][INFO] Blocks per window size:\n"
+        "[TensorRT-LLM][INFO] [windowSize=1024] {.primaryBlocks=300, .secondaryBlocks=0}\n"
+        "[TensorRT-LLM][INFO] [windowSize=131072] {.primaryBlocks=40960, .secondaryBlocks=0}\n"
+    )
+    with verify.capture_native_output() as cap:
+        os.write(1, line.encode())  # as C++ would: straight to the file descriptor
+    assert cap.text == line and line in capfd.readouterr().err
+    report = verify.kv_capacity_report(cap.text, PROFILES["latency"])
+    assert report["found"] and [w["window"] for w in report["windows"]] == [1024, 131072]
+    # global pool: 40960 x 32 / 131072 = 10 sequences; the sliding pool (9600 / 1056) is tighter
+    assert report["concurrent_max_len_sequences"] == pytest.approx(300 * 32 / (1024 + 32))
+    assert verify.kv_capacity_report("nothing", PROFILES["latency"])["found"] is False
