@@ -28,6 +28,7 @@ import pytest
 
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import CARD_MULTIMODAL, GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.remote import gpu_model, local_only
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -141,10 +142,9 @@ def image_host() -> Iterator[ImageHost]:
 @pytest.fixture(scope="module")
 def allow_gateway(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second gateway (same Triton) whose image allow-list admits 127.0.0.1, with short fetch timeouts."""
-    if gateway.external or gateway.triton is None:
-        pytest.skip("needs the local Triton started by the test session")
+    triton = local_only(gateway, "starts a second gateway with other settings in front of the local Triton")
     env = gateway_env(
-        gateway.triton,
+        triton,
         free_port(),
         GATEWAY_IMAGES_ALLOW_LIST="127.0.0.1",
         GATEWAY_IMAGES_READ_TIMEOUT_S="3",
@@ -162,8 +162,7 @@ def greedy(sdk: openai.OpenAI, model: str, messages: list[dict[str, Any]], **kw:
 
 def hf_prompt_tokens(gateway: GatewayTarget, messages: list[dict[str, Any]], images: list[bytes]) -> int:
     """HF's count: our template rendering, then transformers' Gemma3Processor (expansion + tokenizer)."""
-    if gateway.triton is None:
-        pytest.skip("needs the local tokenizer")
+    local_only(gateway, "counts tokens with the local tokenizer files")
     transformers = pytest.importorskip("transformers")
     from gemma3_core.chat_template import render_chat
 
@@ -366,3 +365,22 @@ def test_model_card_multimodal_example_unreachable_url(gateway: GatewayTarget, h
     body = {**CARD_MULTIMODAL, "model": gateway.model}
     error = _error(http.post("/v1/chat/completions", json=body))
     assert error["param"] == "messages[1].content[1].image_url.url"
+
+
+# --- does it see? ------------------------------------------------------------------------------------
+PHOTO = Path(__file__).resolve().parent / "data" / "chelsea-cat.jpg"  # CC0, see tests/data/README.md
+
+
+def test_names_what_the_photograph_shows(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
+    gpu_model("the CPU target's vision tower is random (synthetic weights), so it cannot recognise a photo")
+    completion = greedy(
+        sdk,
+        gateway.model,
+        ask(
+            data_url(PHOTO.read_bytes(), "image/jpeg"),
+            text="What animal is in this photo? Answer in one word.",
+        ),
+        max_tokens=16,
+    )
+    answer = (completion.choices[0].message.content or "").lower()
+    assert any(word in answer for word in ("cat", "kitten", "feline", "tabby")), answer

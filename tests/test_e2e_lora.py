@@ -22,6 +22,7 @@ import pytest
 from gateway.triton_stream import TritonResponse
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.remote import local_only, remote_only
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -43,8 +44,7 @@ class LoraSetup:
 
 @pytest.fixture(scope="module")
 def lora_setup(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory) -> LoraSetup:
-    if gateway.external or gateway.triton is None:
-        pytest.skip("needs the local Triton started by the test session")
+    local_only(gateway, "makes adapters for the local base model and serves them from a second gateway")
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -201,3 +201,30 @@ async def test_engine_cache_miss_is_retried_with_weights(
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == lora_setup.expected[COPY]
     assert backend.sent == [{"lora_task_id"}, {"lora_task_id", "lora_weights", "lora_config"}]
+
+
+# --- against a deployment (E2E_BASE_URL): the adapter it serves, named by E2E_LORA_MODEL ---------------
+def test_deployment_serves_its_adapter(gateway: GatewayTarget) -> None:
+    import os
+
+    remote_only(gateway, "the tests above serve PEFT-verified adapters from a local gateway")
+    adapter = os.environ.get("E2E_LORA_MODEL")
+    if not adapter:
+        pytest.skip("remote_unsupported: set E2E_LORA_MODEL to an adapter id the deployment serves")
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=300) as http:
+        ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
+        assert adapter in ids, sorted(ids)
+        body = {"messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
+        base = http.post("/v1/chat/completions", json={**body, "model": gateway.model})
+        tuned = http.post("/v1/chat/completions", json={**body, "model": adapter})
+        assert base.status_code == tuned.status_code == 200, (base.text, tuned.text)
+        assert tuned.json()["model"] == adapter and tuned.json()["choices"][0]["message"]["content"]
+
+
+def test_deployment_unknown_adapter_is_404(gateway: GatewayTarget) -> None:
+    remote_only(gateway, "test_unknown_adapter_is_404 covers the local gateway")
+    body = {"model": f"{gateway.model}:no-such-adapter", "messages": MESSAGES, "max_tokens": 2}
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=60) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
