@@ -37,6 +37,7 @@ MODEL = "gemma-3-270m"
 CLIENTS = 64
 MAX_CONCURRENT = 24
 MAX_QUEUED = 16
+DEPLOYMENT_BURST = 32
 
 
 @dataclass
@@ -255,11 +256,12 @@ async def test_deployment_burst_gets_exact_streams_or_429() -> None:
             "local_covered: the fast-double tests above check bursts, disconnects and restarts locally"
         )
     url, model, headers = target
-    body = {**BODY, "model": model, "max_tokens": 16}
+    # Short answers: the point is admission (answer or 429), and a CPU deployment may admit every stream.
+    body = {**BODY, "model": model, "max_tokens": 4}
     async with httpx.AsyncClient(
         base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=200)
     ) as client:
-        results = await asyncio.gather(*(_stream(client, body) for _ in range(CLIENTS)))
+        results = await asyncio.gather(*(_stream(client, body) for _ in range(DEPLOYMENT_BURST)))
     statuses = sorted({status for status, _, _ in results})
     assert set(statuses) <= {200, 429}, statuses
     for status, text, events in results:
