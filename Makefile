@@ -13,13 +13,14 @@ PYTEST_ARGS ?=
 # name a package before it lands); pyproject.toml says how strictly each is checked.
 LINT_PACKAGES := $(wildcard gateway gemma3_core triton_io cpu_engine build_engine stack benchmarks)
 
-.PHONY: help serve test test-e2e bench lint format system-deps clean
+.PHONY: help serve test test-e2e bench gpu-acceptance lint format system-deps clean
 
 help:
 	@echo "make serve   - install, prepare Gemma 3 270M, start Triton + gateway on CPU (Ctrl-C stops)"
 	@echo "make test    - install and run the test suite"
 	@echo "make test-e2e E2E_BASE_URL=http://host:8080 - run the end-to-end suite against a deployment"
 	@echo "make bench   - benchmarks (writes docs/benchmarks.md)"
+	@echo "make gpu-acceptance [ACCEPTANCE_ARGS=--dry-run] - GPU host: build, verify, serve, e2e, bench, report"
 	@echo "make lint    - ruff (check + format), mypy, vulture (dead code)"
 
 # Debian packages the stack needs; installed when missing and we are root (CI, containers). g++ builds the
@@ -57,11 +58,17 @@ test: system-deps $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" --timeout=900 $(PYTEST_ARGS)
 
 test-e2e: $(STAMP)
-	$(PY) -m pytest -q -m e2e --timeout=900 tests/test_e2e_gateway.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m e2e --timeout=900 $(PYTEST_ARGS)
 
 bench: system-deps $(STAMP)  ## ~5 min on 2 cores; perf_analyzer etc. go into .venv-bench, not the runtime venv
 	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libb64.so.0d && apt-get install -y -qq libb64-0d >/dev/null || true
 	$(PY) -m benchmarks.run_all
+
+# On a GPU host with Docker + the NVIDIA runtime: every check the CPU suite cannot make, one report
+# (reports/gpu-acceptance-<date>.md). ACCEPTANCE_ARGS=--dry-run prints the steps (docs/gpu.md).
+ACCEPTANCE_ARGS ?=
+gpu-acceptance: $(STAMP)
+	$(PY) -m build_engine.gpu.acceptance $(ACCEPTANCE_ARGS)
 
 # Every check runs, so one report shows all findings; fails if any failed. system-deps: a fresh machine needs
 # python3.11-venv before the virtualenv can be made.

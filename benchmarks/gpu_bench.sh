@@ -18,7 +18,6 @@ GATEWAY_URL=${GATEWAY_URL:-http://gateway:8080}
 MAX_TOKENS=${MAX_TOKENS:-256}
 CONCURRENCIES=${CONCURRENCIES:-"1 8 32"}
 REQUESTS_PER_STREAM=${REQUESTS_PER_STREAM:-4}
-TOKENIZER_DIR=${TOKENIZER_DIR:-/engines/hf/ISTA-DASLab--gemma-3-27b-it-GPTQ-4b-128g}
 OUT=${OUT:-build/bench-gpu/$(date +%Y%m%d-%H%M%S)}
 AUTH=()     # curl
 PA_AUTH=()  # perf_analyzer: -H 'Header:Value'
@@ -31,6 +30,8 @@ mkdir -p "$OUT"
 if [[ -z "${MODEL_ID:-}" ]]; then
   MODEL_ID=$(curl -sf "${AUTH[@]}" "${GATEWAY_URL}/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 fi
+# Where the builder downloaded MODEL_ID (BuildSettings.checkpoint_dir: org/name -> org--name).
+TOKENIZER_DIR=${TOKENIZER_DIR:-/engines/hf/${MODEL_ID//\//--}}
 echo "triton ${TRITON_GRPC_URL}, gateway ${GATEWAY_URL} (model ${MODEL_ID}), max_tokens ${MAX_TOKENS}, out ${OUT}"
 python3 -m benchmarks.loads inputs "$OUT" --model "$MODEL_ID" --max-tokens "$MAX_TOKENS"
 perf_analyzer --version 2>/dev/null | head -1 | tee "$OUT/versions.txt" || true

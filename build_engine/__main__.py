@@ -19,7 +19,7 @@ DEFAULT_CPU_REPO = Path("build/model_repository/cpu")
 def _cpu(args: argparse.Namespace) -> int:
     from build_engine.cpu import cache_root, prepare, repository_values
 
-    art = prepare(Path(args.cache_dir) if args.cache_dir else cache_root())
+    art = prepare(Path(args.cache_dir) if args.cache_dir else cache_root(), dry_run=args.dry_run)
     values = repository_values(art, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     written = render("cpu", Path(args.out), values, dry_run=args.dry_run)
     print(f"[build_engine cpu] model repository: {Path(args.out).resolve()} ({len(written)} models)")
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu.add_argument("--max-batch-size", type=int, default=8)
     cpu.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN)
     cpu.add_argument(
-        "--dry-run", action="store_true", help="print the rendered configs instead of writing them"
+        "--dry-run", action="store_true", help="print the build plan and the rendered configs; write nothing"
     )
     cpu.set_defaults(func=_cpu)
     try:

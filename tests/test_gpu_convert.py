@@ -483,3 +483,109 @@ def test_tp_shards_reassemble(converted: dict[int, Path]) -> None:
 def test_conversion_refuses_unknown_dtype(synthetic: tuple[Path, dict], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
         convert.convert(synthetic[0], tmp_path / "x", dtype="int8")
+
+
+def test_conversion_refuses_float16_naming_the_reason(synthetic: tuple[Path, dict], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"overflows in float16.*bfloat16 only.*sm80"):
+        convert.convert(synthetic[0], tmp_path / "x", dtype="float16")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+# --- zero points left in a symmetric checkpoint -------------------------------------------------------
+def _with_zero_points(src: Path, dst: Path, zero_points: dict[str, torch.Tensor]) -> Path:
+    """A copy of the synthetic checkpoint plus one extra shard holding `zero_points` (older writers)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    safetensors_torch.save_file(zero_points, str(dst / "model-zp.safetensors"), metadata={"format": "pt"})
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(zero_points, "model-zp.safetensors"))
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def _zp_shapes(module: str) -> tuple[int, int]:
+    _blk, n, k = PROJ[module]
+    return n, k // GROUP
+
+
+def test_all_zero_zero_points_of_a_symmetric_scheme_are_accepted(
+    synthetic: tuple[Path, dict], converted: dict[int, Path], tmp_path: Path
+) -> None:
+    q = f"{PREFIX}layers.0.self_attn.q_proj.weight_zero_point"
+    down = f"{PREFIX}layers.1.mlp.down_proj.weight_zero_point"
+    n_q, g_q = _zp_shapes("q_proj")
+    n_d, g_d = _zp_shapes("down_proj")
+    packed_zero = torch.full((-(-n_d // 8), g_d), 0x88888888 - 2**32, dtype=torch.int32)  # eight 0+8 nibbles
+    src = _with_zero_points(
+        synthetic[0], tmp_path / "ckpt", {q: torch.zeros(n_q, g_q, dtype=torch.int8), down: packed_zero}
+    )
+    ckpt.inspect_checkpoint(src)
+    out = convert.convert(src, tmp_path / "out", progress=lambda _m: None)[0].parent
+    got, want = _load(out, 0), _load(converted[1], 0)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nonzero_zero_points_are_refused_naming_the_tensor(
+    synthetic: tuple[Path, dict], tmp_path: Path, packed: bool
+) -> None:
+    name = f"{PREFIX}layers.1.self_attn.v_proj.weight_zero_point"
+    n, g = _zp_shapes("v_proj")
+    if packed:
+        zp = torch.full((-(-n // 8), g), 0x88888888 - 2**32, dtype=torch.int32)
+        zp[0, 0] = 0  # raw zeros in packed form decode to -8
+    else:
+        zp = torch.zeros(n, g, dtype=torch.int8)
+        zp[3, 0] = 1
+    src = _with_zero_points(synthetic[0], tmp_path / "ckpt", {name: zp})
+    ckpt.inspect_checkpoint(src)  # names alone are fine for a symmetric scheme ...
+    with pytest.raises(UnsupportedCheckpoint, match=f"{name}: non-zero zero points"):
+        convert.convert(src, tmp_path / "out", progress=lambda _m: None)  # ... the values are not
+    with pytest.raises(UnsupportedCheckpoint, match="fits neither"):
+        ckpt.check_zero_point(name, torch.zeros(n + 1, g), (n, g))
+
+
+# --- memory: the converter streams --------------------------------------------------------------------
+def test_converter_releases_each_piece_before_converting_the_next(
+    synthetic: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every tensor of a piece is garbage once the next piece is converted: peak RAM is one piece."""
+    import gc
+    import weakref
+
+    real = convert.iter_convert
+    alive_at_step: list[int] = []
+
+    def spy(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        refs: list[weakref.ref] = []
+        for what, pieces in real(*args, **kwargs):
+            gc.collect()
+            alive_at_step.append(sum(r() is not None for r in refs))
+            refs = [weakref.ref(t) for piece in pieces for t in piece.values()]
+            yield what, pieces
+            del pieces
+
+    monkeypatch.setattr(convert, "iter_convert", spy)
+    convert.convert(synthetic[0], tmp_path / "out", tp_size=2, progress=lambda _m: None)
+    assert len(alive_at_step) == 2 + LAYERS and alive_at_step[1:] == [0] * (len(alive_at_step) - 1)
+
+
+def test_streaming_writer_matches_safetensors(tmp_path: Path) -> None:
+    from build_engine.gpu.safetensors_stream import SafetensorsWriter
+
+    tensors = {
+        "b": torch.randn(3, 5).to(torch.bfloat16),
+        "a": torch.arange(10, dtype=torch.int8).reshape(2, 5),
+        "s": torch.tensor(7, dtype=torch.int32),
+        "e": torch.zeros(0, 4),
+        "t": torch.randn(4, 6).t(),  # non-contiguous
+    }
+    with SafetensorsWriter(tmp_path / "x.safetensors", {"format": "pt"}) as w:
+        for k, v in tensors.items():
+            w.add(k, v)
+    loaded = safetensors_torch.load_file(str(tmp_path / "x.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in tensors.items())
+    assert list(tmp_path.iterdir()) == [tmp_path / "x.safetensors"]  # the side file is gone

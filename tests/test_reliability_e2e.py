@@ -22,6 +22,7 @@ from build_engine.cpu import CpuArtifacts, cache_root
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.fixtures.double import DoubleTriton, run_double
+from tests.fixtures.remote import deployment_from_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,6 +30,7 @@ MODEL = "gemma-3-270m"
 CLIENTS = 64
 MAX_CONCURRENT = 24
 MAX_QUEUED = 16
+DEPLOYMENT_BURST = 32
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +174,29 @@ async def test_triton_killed_mid_stream_then_restarted(
         assert status == 200 and events[-1] == "[DONE]" and content
     assert app.state.gateway.chat.admission.active == 0
     print(f"\n[reliability] served again {recovered_s:.1f} s after restarting tritonserver (incl. its start)")
+
+
+# --- against a deployment (E2E_BASE_URL) ----------------------------------------------------------------
+async def test_deployment_burst_gets_exact_streams_or_429() -> None:
+    """A burst of streams at a deployment: each is a complete SSE stream or an OpenAI-style 429, never a 5xx
+    or a hang. (This module's `gateway` is the fast-double one, so the target is read from the env.)"""
+    target = deployment_from_env()
+    if target is None:
+        pytest.skip(
+            "local_covered: the fast-double tests above check bursts, disconnects and restarts locally"
+        )
+    url, model, headers = target
+    # Short answers: the point is admission (answer or 429), and a CPU deployment may admit every stream.
+    body = {**BODY, "model": model, "max_tokens": 4}
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=600, limits=httpx.Limits(max_connections=200)
+    ) as client:
+        results = await asyncio.gather(*(_stream(client, body) for _ in range(DEPLOYMENT_BURST)))
+    statuses = sorted({status for status, _, _ in results})
+    assert set(statuses) <= {200, 429}, statuses
+    for status, text, events in results:
+        if status == 200:
+            assert events[-1] == "[DONE]" and any(isinstance(e, dict) for e in events)
+        else:
+            assert json.loads(text)["error"]["code"], text
+    assert any(status == 200 for status, _, _ in results)

@@ -108,3 +108,21 @@ def test_passes():
 """
     assert _run(pytester, source, "-k", "passes").ret == pytest.ExitCode.OK
     assert _run(pytester, source, "-m", "not slow").ret == pytest.ExitCode.OK
+
+
+def test_a_skip_naming_an_e2e_target_reason_passes(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+import pytest
+
+def test_remote_only():
+    pytest.skip("local_covered: made locally by other tests")
+""",
+    )
+    assert result.ret == pytest.ExitCode.OK
+
+
+def test_an_unknown_reason_prefix_still_fails(pytester: pytest.Pytester) -> None:
+    result = _run(pytester, "import pytest\n\ndef test_x():\n    pytest.skip('remote: something')\n")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED

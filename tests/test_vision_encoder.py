@@ -199,18 +199,22 @@ def test_synthetic_deterministic_and_real_path(tmp_path: Path) -> None:
         gv.load_vision_runner(tmp_path / "enc", "onnx")
 
 
-def test_onnx_matches_torch(hf_model: Any, tmp_path: Path) -> None:
-    from build_engine.vision_export import check_onnx, export_onnx, trtexec_command
+@pytest.mark.parametrize(("exporter", "opset"), [("dynamo", 18), ("torchscript", 17)])
+def test_onnx_matches_torch(hf_model: Any, tmp_path: Path, exporter: str, opset: int) -> None:
+    from build_engine.vision_export import check_onnx, export_onnx
 
     enc = gv.Gemma3VisionEncoder.from_hf_gemma3(hf_model, hf_model.config)
-    path = export_onnx(enc, tmp_path / "v.onnx")
+    exported = export_onnx(enc, tmp_path / "v.onnx", exporter=exporter)
+    assert exported.exporter == exporter and exported.opset == opset
+    path = exported.path
     import onnx
 
     model = onnx.load(str(path))
-    assert model.opset_import[0].version == 17
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {opset}
     (inp,) = model.graph.input
     assert inp.name == "pixel_values"
-    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, 56, 56]
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [3, 56, 56]  # dynamic image batch
     assert [o.name for o in model.graph.output] == ["image_embeds"]
     result = check_onnx(path, enc, batch_sizes=(1, 2, 5), rtol=1e-4)
     assert result.max_abs_diff < 1e-4 * result.max_abs_ref
@@ -223,13 +227,177 @@ def test_onnx_matches_torch(hf_model: Any, tmp_path: Path) -> None:
     got = sess.run(None, {"pixel_values": x.numpy()})[0]
     np.testing.assert_allclose(got * enc.embed_scale, hf_features(hf_model, x).numpy(), atol=1e-5, rtol=1e-4)
 
-    cmd = trtexec_command(path, tmp_path / "v.engine", max_batch=8, image_size=56)
-    assert cmd[0] == "trtexec" and "--fp16" in cmd
-    assert "--minShapes=pixel_values:1x3x56x56" in cmd
-    assert "--optShapes=pixel_values:4x3x56x56" in cmd
-    assert "--maxShapes=pixel_values:8x3x56x56" in cmd
-    with pytest.raises(ValueError):
-        trtexec_command(path, "e", max_batch=2, opt_batch=3)
+
+def test_auto_export_falls_back_to_torchscript(
+    hf_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from build_engine import vision_export as ve
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("dynamo cannot export this")
+
+    monkeypatch.setattr(ve, "_export_dynamo", broken)
+    enc = gv.Gemma3VisionEncoder.from_hf_gemma3(hf_model, hf_model.config)
+    exported = ve.export_onnx(enc, tmp_path / "v.onnx")
+    assert exported.exporter == "torchscript" and exported.path.exists()
+    assert "dynamo export failed (RuntimeError: dynamo cannot export this)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="dynamo cannot"):
+        ve.export_onnx(enc, tmp_path / "w.onnx", exporter="dynamo")  # no silent fallback when asked for it
+
+
+# --- TensorRT engine build: the tensorrt module is replaced at its API boundary (no TensorRT here) -------
+class FakeTrt:
+    """Records what build_engine asks of TensorRT; the names mirror the TensorRT 10 Python API."""
+
+    float32 = "float32"
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, level: str) -> None:
+            self.level = level
+
+    class LayerType:
+        NORMALIZATION, SOFTMAX, REDUCE, MATRIX_MULTIPLY = "norm", "softmax", "reduce", "matmul"
+
+    class BuilderFlag:
+        BF16, FP16, PREFER_PRECISION_CONSTRAINTS = "bf16", "fp16", "prefer"
+
+    class MemoryPoolType:
+        WORKSPACE = "workspace"
+
+    def __init__(self, *, parse_ok: bool = True, build_ok: bool = True) -> None:
+        self.parse_ok, self.build_ok = parse_ok, build_ok
+        self.calls: dict[str, Any] = {"flags": [], "profiles": []}
+        fake = self
+
+        class Layer:
+            def __init__(self, kind: str) -> None:
+                self.type, self.precision, self.num_outputs, self.out_types = kind, None, 1, {}
+
+            def set_output_type(self, i: int, t: str) -> None:
+                self.out_types[i] = t
+
+        class Network:
+            def __init__(self) -> None:
+                self.layers = [Layer(k) for k in ("matmul", "norm", "softmax", "matmul", "reduce")]
+                self.num_layers = len(self.layers)
+
+            def get_layer(self, i: int) -> Layer:
+                return self.layers[i]
+
+        class Parser:
+            num_errors = 1
+
+            def __init__(self, network: Network, logger: object) -> None:
+                fake.calls["network"] = network
+
+            def parse_from_file(self, path: str) -> bool:
+                fake.calls["parsed"] = path
+                return fake.parse_ok
+
+            def get_error(self, i: int) -> str:
+                return "Unsupported ONNX op: Foo"
+
+        class Cache:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def serialize(self) -> bytes:
+                return self.data + b"+tuned"
+
+        class Profile:
+            def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
+                fake.calls["profiles"].append((name, lo, opt, hi))
+
+        class Config:
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                fake.calls["workspace"] = (pool, size)
+
+            def set_flag(self, flag: str) -> None:
+                fake.calls["flags"].append(flag)
+
+            def add_optimization_profile(self, p: Profile) -> None:
+                fake.calls["profile_added"] = True
+
+            def create_timing_cache(self, data: bytes) -> Cache:
+                fake.calls["cache_in"] = data
+                return Cache(data)
+
+            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> None:
+                self.cache = cache
+
+            def get_timing_cache(self) -> Cache:
+                return self.cache
+
+        class Builder:
+            def __init__(self, logger: object) -> None:
+                pass
+
+            def create_network(self, flags: int) -> Network:
+                return Network()
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
+                return b"ENGINE" if fake.build_ok else None
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_engine_build_uses_one_profile_bf16_fp32_norms_and_a_timing_cache(tmp_path: Path) -> None:
+    from build_engine.vision_export import EngineSpec, build_engine
+
+    spec = EngineSpec(
+        onnx_path=tmp_path / "v.onnx",
+        engine_path=tmp_path / "out" / "vision_encoder.engine",
+        image_size=896,
+        max_batch=8,
+        timing_cache=tmp_path / "timing.cache",
+    )
+    trt = FakeTrt()
+    assert build_engine(spec, trt=trt) == spec.engine_path
+    assert spec.engine_path.read_bytes() == b"ENGINE"
+    assert not list(spec.engine_path.parent.glob("*.partial"))
+    assert trt.calls["parsed"] == str(spec.onnx_path)
+    assert trt.calls["profiles"] == [("pixel_values", (1, 3, 896, 896), (4, 3, 896, 896), (8, 3, 896, 896))]
+    assert trt.calls["flags"] == ["bf16", "prefer"] and trt.calls["workspace"] == ("workspace", 4096 << 20)
+    layers = trt.calls["network"].layers
+    assert [x.precision for x in layers] == [None, "float32", "float32", None, "float32"]
+    assert layers[1].out_types == {0: "float32"} and layers[0].out_types == {}
+    assert trt.calls["cache_in"] == b"" and spec.timing_cache.read_bytes() == b"+tuned"
+    build_engine(spec, trt=(again := FakeTrt()))  # the second build starts from the saved cache
+    assert again.calls["cache_in"] == b"+tuned"
+    fp16 = EngineSpec(spec.onnx_path, tmp_path / "e16", 896, 8, precision="fp16")
+    build_engine(fp16, trt=(t16 := FakeTrt()))
+    assert t16.calls["flags"][0] == "fp16"
+
+
+def test_engine_build_failures_are_named(tmp_path: Path) -> None:
+    from build_engine.vision_export import EngineSpec, build_engine
+
+    spec = EngineSpec(tmp_path / "v.onnx", tmp_path / "e", image_size=56, max_batch=2)
+    with pytest.raises(RuntimeError, match=r"could not parse.*Unsupported ONNX op: Foo"):
+        build_engine(spec, trt=FakeTrt(parse_ok=False))
+    with pytest.raises(RuntimeError, match="failed to build"):
+        build_engine(spec, trt=FakeTrt(build_ok=False))
+    assert not spec.engine_path.exists()
+    with pytest.raises(ValueError, match="opt_batch"):
+        EngineSpec(tmp_path / "v.onnx", tmp_path / "e", 56, max_batch=2, opt_batch=3).shapes()
+    with pytest.raises(ValueError, match="precision"):
+        EngineSpec(tmp_path / "v.onnx", tmp_path / "e", 56, max_batch=2, precision="fp8").shapes()
+
+
+def test_missing_packages_are_named_not_installed() -> None:
+    from build_engine.vision_export import MissingPackage, require
+
+    with pytest.raises(MissingPackage, match=r"needs no_such_module_x.*installs nothing"):
+        require("json", "no_such_module_x", purpose="the test")
+    require("json", purpose="the test")
 
 
 @pytest.mark.slow
@@ -237,5 +405,5 @@ def test_onnx_fp16_synthetic_full_size(tmp_path: Path) -> None:
     from build_engine.vision_export import check_onnx, export_onnx
 
     enc = gv.synthetic_for_text_model(hidden_size=GEMMA3_270M.hidden_size, seed=0)
-    path = export_onnx(enc, tmp_path / "v16.onnx", dtype="float16")
+    path = export_onnx(enc, tmp_path / "v16.onnx", dtype="float16").path
     check_onnx(path, enc, batch_sizes=(1,), rtol=3e-2)

@@ -2,7 +2,7 @@
 
 Flags and why:
   * `--model_cls_file/--model_cls_name`: our `GemmaForCausalLM` subclass with the Gemma 3 RoPE fix
-    (build_engine/gpu/rope.py); everything else is stock trtllm-build.
+    (build_engine/gpu/gemma3_fixes.py); everything else is stock trtllm-build.
   * `--kv_cache_type paged`, `--remove_input_padding enable` (packed input), `--gpt_attention_plugin auto`,
     `--gemm_plugin auto`: the in-flight batching configuration the Triton C++ backend needs.
   * `--context_fmha enable --use_paged_context_fmha enable`: required for KV-cache reuse and for chunked
@@ -17,22 +17,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from build_engine.gpu.rope import MODEL_CLS_NAME
+from build_engine.gpu.gemma3_fixes import MODEL_CLS_NAME
 from build_engine.gpu.settings import BuildSettings
 
 # HF Gemma 3 projections → TensorRT-LLM LoRA module names (see gemma3_core/lora.py HF_TO_TRTLLM).
 LORA_TARGET_MODULES = ("attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_gate", "mlp_4h_to_h")
 
-ROPE_MODULE = Path(__file__).resolve().with_name("rope.py")
+FIXES_MODULE = Path(__file__).resolve().with_name("gemma3_fixes.py")
 
 
-def trtllm_build_command(s: BuildSettings, *, rope_module: Path | None = None) -> list[str]:
+def trtllm_build_command(s: BuildSettings, *, fixes_module: Path | None = None) -> list[str]:
     p = s.profile
     cmd = [
         "trtllm-build",
         f"--checkpoint_dir={s.trtllm_checkpoint_dir}",
         f"--output_dir={s.engine_dir}",
-        f"--model_cls_file={rope_module or ROPE_MODULE}",
+        f"--model_cls_file={fixes_module or FIXES_MODULE}",
         f"--model_cls_name={MODEL_CLS_NAME}",
         f"--max_batch_size={p.max_batch_size}",
         f"--max_input_len={p.max_input_len}",

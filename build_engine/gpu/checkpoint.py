@@ -293,16 +293,44 @@ def detect_prefix(names: Iterable[str]) -> str:
     )
 
 
+def check_zero_point(name: str, zp: Any, scale_shape: tuple[int, ...]) -> None:
+    """Accept a symmetric scheme's leftover zero point only if every value decodes to zero.
+
+    Stored like the scale ([N, K/group], any dtype) it must be all 0; packed like the weights (int32,
+    [ceil(N/8), K/group], eight 4-bit values stored +8) every nibble must be 8. Anything else is a real
+    zero point, i.e. an asymmetric checkpoint, which the W4A16 engine cannot express.
+    """
+    import torch
+
+    shape = tuple(zp.shape)
+    if shape == tuple(scale_shape):
+        ok = not bool(torch.any(zp != 0))
+    elif (
+        zp.dtype == torch.int32
+        and len(scale_shape) == 2
+        and shape == (-(-scale_shape[0] // 8), scale_shape[1])
+    ):
+        nibbles = torch.stack([(zp >> (4 * j)) & 0xF for j in range(8)])
+        ok = bool(torch.all(nibbles == 8))
+    else:
+        raise UnsupportedCheckpoint(
+            f"{name}: shape {shape} fits neither the scales {tuple(scale_shape)} nor packing"
+        )
+    if not ok:
+        raise UnsupportedCheckpoint(
+            f"{name}: non-zero zero points (asymmetric quantization) are not supported by the W4A16 engine"
+        )
+
+
 def check_tensors(names: Iterable[str], prefix: str, num_layers: int) -> None:
     names = set(names)
     if any(n.endswith(".weight_g_idx") for n in names):
         raise UnsupportedCheckpoint(
             "weight_g_idx tensors found: act-order (non-contiguous groups) is not supported"
         )
-    if any(n.startswith(prefix) and n.endswith(".weight_zero_point") for n in names):
-        raise UnsupportedCheckpoint(
-            "weight_zero_point tensors found: asymmetric quantization is not supported"
-        )
+    # weight_zero_point tensors may remain in a symmetric checkpoint (older compressed-tensors wrote
+    # all-zero ones); parse_quantization has already refused asymmetric schemes, and the converter checks
+    # each one decodes to zero (check_zero_point).
     missing = [
         f"{prefix}layers.{i}.{blk}.{p}.{suffix}"
         for i in range(num_layers)

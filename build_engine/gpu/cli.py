@@ -11,7 +11,7 @@ from pathlib import Path
 
 from build_engine.gpu import pipeline
 from build_engine.gpu.checkpoint import UnsupportedCheckpoint
-from build_engine.gpu.settings import PROFILES, BuildSettings, settings_from_env
+from build_engine.gpu.settings import PROFILES, BuildSettings, UnsupportedDtype, settings_from_env
 
 STAGE_HELP = {
     "download": "download the checkpoint from Hugging Face (HF_TOKEN for gated repos; resumable)",
@@ -41,6 +41,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="PEFT adapter dir to build the LoRA plugin for (repeatable; env LORA_DIRS)",
     )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="engine dtype (env ENGINE_DTYPE; only bfloat16)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print every command and file, run nothing")
     p.add_argument("--force", action="store_true", help="run even when the stage's stamp says up to date")
 
@@ -53,6 +58,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
         model_id=args.model_id,
         revision=args.revision,
         lora_dirs=tuple(args.lora_dir) if args.lora_dir else None,
+        dtype=args.dtype,
     )
 
 
@@ -62,6 +68,9 @@ def _run_stages(names: list[str]):
             pipeline.run(names, settings_from_args(args), dry_run=args.dry_run, force=args.force)
         except UnsupportedCheckpoint as exc:
             pipeline.log(f"unsupported checkpoint: {exc}")
+            return 2
+        except UnsupportedDtype as exc:
+            pipeline.log(str(exc))
             return 2
         return 0
 

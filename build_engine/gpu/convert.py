@@ -40,9 +40,12 @@ from build_engine.gpu.checkpoint import (
     ATTENTION_PROJ,
     CheckpointInfo,
     UnsupportedCheckpoint,
+    check_zero_point,
     checkpoint_fingerprint,
     inspect_checkpoint,
 )
+from build_engine.gpu.safetensors_stream import SafetensorsWriter
+from build_engine.gpu.settings import check_dtype
 
 # Bump when the output changes so stamps made by older code are rebuilt.
 CONVERTER_VERSION = "1"
@@ -156,6 +159,10 @@ def read_quant_linear(reader: TensorReader, module: str, group_size: int) -> Qua
             raise UnsupportedCheckpoint(f"{module}: weight_shape {shape} vs scales {list(scale.shape)}")
     if packed.shape != (n, math.ceil(k / 8)):
         raise UnsupportedCheckpoint(f"{module}: weight_packed {tuple(packed.shape)} does not fit [{n}, {k}]")
+    if f"{module}.weight_zero_point" in reader:
+        check_zero_point(
+            f"{module}.weight_zero_point", reader.get(f"{module}.weight_zero_point"), tuple(scale.shape)
+        )
     return QuantLinear(unpack_compressed_int4(packed, k), scale)
 
 
@@ -304,7 +311,7 @@ def trtllm_config(info: CheckpointInfo, tp: int, dtype: str) -> dict[str, object
         "norm_epsilon": info.rms_norm_eps,
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": a.rope_theta,
-        # Read by create_attention_const_params for the global table; build_engine/gpu/rope.py (the model
+        # Read by create_attention_const_params for the global table; gemma3_fixes.py (the model
         # class trtllm-build loads) keeps the local layers unscaled.
         "rotary_scaling": rotary_scaling,
         "rope_local_base_freq": a.rope_local_base_freq,
@@ -349,7 +356,9 @@ def iter_convert(
         piece = {"lm_head.weight": rows.clone()}
         piece["transformer.vocab_embedding.weight"] = rows if tp > 1 else emb
         pieces.append(piece)
+    del emb, rows, piece  # the caller writes and drops each piece; keep no reference here either
     yield "embedding", pieces
+    del pieces
     yield "final norm", [{"transformer.ln_f.weight": _norm(reader.get(f"{p}norm.weight"), tdtype)}] * tp
     for layer in range(info.text.num_layers):
         yield f"layer {layer + 1}/{info.text.num_layers}", convert_layer(reader, info, layer, tp, tdtype)
@@ -365,33 +374,34 @@ def convert(
     progress: Callable[[str], None] = log,
 ) -> list[Path]:
     """Write `out_dir/config.json` and `out_dir/rank{i}.safetensors`; returns the written files."""
-    from safetensors.torch import save_file
-
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"dtype {dtype!r}: use bfloat16 (Gemma 3) or float16")
+    check_dtype(dtype)
     info = info or inspect_checkpoint(checkpoint_dir)
     check_tp(info, tp_size)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.monotonic()
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
+    # One writer per rank: each piece goes to disk as soon as it is converted (peak RAM: one piece).
+    meta = {"format": "pt", "converter": f"build_engine.gpu {CONVERTER_VERSION}"}
+    writers = [SafetensorsWriter(tmp / f"rank{r}.safetensors", meta) for r in range(tp_size)]
     reader = TensorReader(checkpoint_dir)
     try:
         for what, pieces in iter_convert(reader, info, tp_size, dtype):
-            for r, piece in enumerate(pieces):
-                ranks[r].update(piece)
+            for writer, piece in zip(writers, pieces, strict=True):
+                for name, tensor in piece.items():
+                    writer.add(name, tensor)
+                del piece, tensor
+            del pieces
             progress(f"{what} ({time.monotonic() - t0:.0f}s)")
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
     finally:
         reader.close()
     written = []
-    for r, tensors in enumerate(ranks):
-        path = tmp / f"rank{r}.safetensors"
-        save_file(
-            tensors,
-            str(path),
-            metadata={"format": "pt", "converter": f"build_engine.gpu {CONVERTER_VERSION}"},
-        )
+    for writer in writers:
+        path = writer.close()
         written.append(out_dir / path.name)
         progress(f"wrote {path.name} ({path.stat().st_size / 2**30:.2f} GiB)")
     (tmp / "config.json").write_text(json.dumps(trtllm_config(info, tp_size, dtype), indent=2) + "\n")

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
-import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from build_engine import render
@@ -23,10 +18,10 @@ from build_engine.gpu import build as gpu_build
 from build_engine.gpu import checkpoint as ckpt
 from build_engine.gpu import repository
 from build_engine.gpu.settings import TRITON_IMAGE, BuildSettings
+from build_engine.stages import Action, Stage, run_stage, run_stages
 from gemma3_core import constants as C
 
-STAMP_PREFIX = ".build_engine-"
-TRTEXEC_FALLBACK = "/usr/src/tensorrt/bin/trtexec"
+__all__ = ["ALL", "STAGES", "Action", "Stage", "run", "run_stage"]
 
 
 def log(msg: str) -> None:
@@ -41,54 +36,9 @@ def _file_sha(path: Path) -> str:
     return _sha(path.read_bytes()) if path.exists() else "missing"
 
 
-@dataclass
-class Action:
-    """One step of a stage: an external command (argv) or an in-process Python call, and what it writes."""
-
-    description: str
-    command: list[str] | None = None
-    call: Callable[[], object] | None = None
-    writes: list[Path] = field(default_factory=list)
-    # For --dry-run: the content the step would write, when it is cheap to compute (rendered configs).
-    preview: Callable[[], str] | None = None
-
-    def show(self) -> str:
-        lines = [f"    - {self.description}"]
-        if self.command:
-            lines.append(f"      $ {shlex.join(self.command)}")
-        lines.extend(f"      writes {p}" for p in self.writes)
-        if self.preview is not None:
-            lines.append(self.preview())
-        return "\n".join(lines)
-
-
-@dataclass
-class Stage:
-    name: str
-    output: Path
-    inputs: dict[str, object]
-    actions: list[Action]
-    always: bool = False  # verify: never skipped
-
-    @property
-    def stamp(self) -> Path:
-        return self.output / f"{STAMP_PREFIX}{self.name}.json"
-
-    def stamp_text(self) -> str:
-        return json.dumps(self.inputs, indent=2, sort_keys=True, default=str)
-
-    def up_to_date(self) -> bool:
-        if self.always:
-            return False
-        try:
-            return self.stamp.read_text() == self.stamp_text()
-        except OSError:
-            return False
-
-
 # --- stage definitions ------------------------------------------------------------------------------
 def stage_download(s: BuildSettings) -> Stage:
-    def call() -> None:
+    def call(_out: Path) -> None:
         ckpt.download(s.model_id, s.checkpoint_dir, revision=s.revision)
 
     return Stage(
@@ -113,7 +63,7 @@ def stage_download(s: BuildSettings) -> Stage:
 def stage_inspect(s: BuildSettings) -> Stage:
     report = s.inspect_dir / "checkpoint.json"
 
-    def call() -> None:
+    def call(_out: Path) -> None:
         info = ckpt.inspect_checkpoint(s.checkpoint_dir, expected=ckpt.expected_arch_for(s.model_id))
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(info.to_json(), indent=2) + "\n")
@@ -140,7 +90,7 @@ def stage_inspect(s: BuildSettings) -> Stage:
 def stage_convert(s: BuildSettings) -> Stage:
     from build_engine.gpu import convert
 
-    def call() -> None:
+    def call(_out: Path) -> None:
         info = ckpt.inspect_checkpoint(s.checkpoint_dir, expected=ckpt.expected_arch_for(s.model_id))
         convert.convert(
             s.checkpoint_dir, s.trtllm_checkpoint_dir, tp_size=s.tp_size, dtype=s.dtype, info=info
@@ -175,13 +125,13 @@ def stage_build(s: BuildSettings) -> Stage:
         {
             "checkpoint": _file_sha(s.trtllm_checkpoint_dir / "config.json"),
             "conversion": _file_sha(s.trtllm_checkpoint_dir / "conversion.json"),
-            "rope_module": _file_sha(gpu_build.ROPE_MODULE),
+            "fixes_module": _file_sha(gpu_build.FIXES_MODULE),
             "image": TRITON_IMAGE,
             "command": cmd,
         },
         [
             Action(
-                f"trtllm-build, profile {s.profile.name} (Gemma 3 RoPE fix via --model_cls_file)",
+                f"trtllm-build, profile {s.profile.name} (Gemma 3 fidelity fixes via --model_cls_file)",
                 command=cmd,
                 writes=[s.engine_dir / "config.json"]
                 + [s.engine_dir / f"rank{r}.engine" for r in range(s.tp_size)],
@@ -194,24 +144,28 @@ def stage_vision(s: BuildSettings) -> Stage:
     from build_engine import vision_export
     from gemma3_core import vision
 
-    onnx_path = s.vision_dir / "onnx" / vision_export.ONNX_FILE
-    engine_path = s.vision_dir / vision.ENGINE_FILE
     max_batch = s.profile.vision_max_batch_size
-    trtexec = vision_export.trtexec_command(
-        onnx_path, engine_path, max_batch=max_batch, image_size=C.IMAGE_SIZE
-    )
-    state: dict[str, list[str]] = {}
+    spec = vision_export.engine_spec(s.vision_dir, max_batch=max_batch, image_size=C.IMAGE_SIZE)
+    state: dict[str, object] = {}
 
-    def export() -> None:
-        enc = vision.Gemma3VisionEncoder.from_hf_checkpoint_dir(s.checkpoint_dir, llm_dtype=s.dtype)
-        _, state["argv"] = vision_export.export_for_gpu(enc, s.vision_dir, max_batch=max_batch)
+    def encoder() -> vision.Gemma3VisionEncoder:
+        if "encoder" not in state:
+            state["encoder"] = vision.Gemma3VisionEncoder.from_hf_checkpoint_dir(
+                s.checkpoint_dir, llm_dtype=s.dtype
+            )
+        return state["encoder"]  # type: ignore[return-value]
 
-    def run_trtexec() -> None:
-        argv = list(state.get("argv") or trtexec)
-        # trtexec ships with TensorRT but is not always on PATH in the Triton image.
-        if shutil.which(argv[0]) is None and Path(TRTEXEC_FALLBACK).exists():
-            argv[0] = TRTEXEC_FALLBACK
-        _run(argv)
+    def export(_out: Path) -> None:
+        # Fail before the long export when the image lacks what the engine build needs.
+        vision_export.require("onnx", "tensorrt", purpose="the vision stage")
+        vision_export.export_for_gpu(encoder(), s.vision_dir, max_batch=max_batch)
+
+    def build(_out: Path) -> None:
+        vision_export.build_engine(spec)
+
+    def check(_out: Path) -> None:
+        result = vision_export.check_engine(s.vision_dir, encoder())
+        log(f"vision engine vs torch: max|diff| {result.max_abs_diff:.2e} ({result.rel_diff:.1e} relative)")
 
     return Stage(
         "vision",
@@ -221,22 +175,25 @@ def stage_vision(s: BuildSettings) -> Stage:
             "max_batch": max_batch,
             "dtype": s.dtype,
             "image": TRITON_IMAGE,
+            "engine": spec.describe(),
             "export_module": _file_sha(Path(vision_export.__file__)),
             "vision_module": _file_sha(Path(vision.__file__)),
         },
         [
             Action(
-                "SigLIP + Gemma 3 projector (÷√hidden) → ONNX with a dynamic image batch, "
-                "checked in onnxruntime",
+                "SigLIP + Gemma 3 projector (÷√hidden) → ONNX with a dynamic image batch (dynamo exporter, "
+                "opset 18; TorchScript fallback), checked in onnxruntime when it is importable",
                 call=export,
-                writes=[s.vision_dir / vision.CONFIG_FILE, s.vision_dir / vision.WEIGHTS_FILE, onnx_path],
+                writes=[
+                    s.vision_dir / vision.CONFIG_FILE,
+                    s.vision_dir / vision.WEIGHTS_FILE,
+                    spec.onnx_path,
+                ],
             ),
             Action(
-                "TensorRT engine for the vision encoder",
-                command=trtexec,
-                call=run_trtexec,
-                writes=[engine_path],
+                spec.describe(), call=build, writes=[spec.engine_path, spec.timing_cache or spec.engine_path]
             ),
+            Action("the engine against torch on random pixels (relative max|diff| ≤ 3e-2)", call=check),
         ],
     )
 
@@ -244,7 +201,7 @@ def stage_vision(s: BuildSettings) -> Stage:
 def stage_tokenizer_info(s: BuildSettings) -> Stage:
     out = s.tokenizer_info_dir / repository.XGRAMMAR_INFO_FILE
 
-    def call() -> None:
+    def call(_out: Path) -> None:
         # One writer for the file (gemma3_core.guided): both Gemma stop ids, special tokens blanked.
         from gemma3_core.guided import write_xgrammar_tokenizer_info
 
@@ -273,7 +230,7 @@ def stage_repository(s: BuildSettings) -> Stage:
         src: _file_sha(render.TEMPLATES_DIR / src / "config.pbtxt") for src, _ in render.TARGET_MODELS["gpu"]
     }
 
-    def call() -> None:
+    def call(_out: Path) -> None:
         render.render("gpu", s.repository_dir, values)
 
     def preview() -> str:
@@ -330,48 +287,12 @@ STAGES: dict[str, Callable[[BuildSettings], Stage]] = {
 ALL = tuple(STAGES)
 
 
-def _run(argv: list[str]) -> None:
-    log(f"$ {shlex.join(argv)}")
-    subprocess.run(argv, check=True)
-
-
-def run_stage(stage: Stage, *, dry_run: bool = False, force: bool = False) -> str:
-    """Run (or describe) one stage. Returns "skipped", "ran" or "planned"."""
-    if not force and stage.up_to_date():
-        log(f"{stage.name}: up to date ({stage.output})")
-        if dry_run:
-            print(f"[{stage.name}] up to date, would skip ({stage.stamp})")
-        return "skipped"
-    if dry_run:
-        print(f"[{stage.name}] would run → {stage.output}")
-        for action in stage.actions:
-            print(action.show())
-        print(f"    writes {stage.stamp}")
-        return "planned"
-    t0 = time.monotonic()
-    log(f"{stage.name}: running ({len(stage.actions)} step(s)) → {stage.output}")
-    stage.stamp.unlink(missing_ok=True)
-    for i, action in enumerate(stage.actions, 1):
-        log(f"{stage.name} [{i}/{len(stage.actions)}] {action.description}")
-        if action.call is not None:
-            action.call()
-        elif action.command is not None:
-            _run(action.command)
-    stage.output.mkdir(parents=True, exist_ok=True)
-    if not stage.always:
-        stage.stamp.write_text(stage.stamp_text())
-    log(f"{stage.name}: done in {time.monotonic() - t0:.1f}s")
-    return "ran"
-
-
 def run(names: list[str], s: BuildSettings, *, dry_run: bool = False, force: bool = False) -> dict[str, str]:
-    """Run stages in order. Stage definitions are made lazily so each sees its predecessors' outputs."""
+    """Run stages in order (see build_engine.stages)."""
     if dry_run:
         print(f"# settings\n{s.to_json()}")
-    results: dict[str, str] = {}
-    for name in names:
-        stage = STAGES[name](s)
-        # In a dry run nothing upstream changes on disk, so once a stage would run, every later one would too.
-        later_force = force or (dry_run and "planned" in results.values())
-        results[name] = run_stage(stage, dry_run=dry_run, force=later_force)
-    return results
+
+    def maker(name: str) -> Callable[[], Stage]:
+        return lambda: STAGES[name](s)
+
+    return run_stages([maker(n) for n in names], dry_run=dry_run, force=force)

@@ -87,6 +87,17 @@ def _bool(v: bool) -> str:
     return "true" if v else "false"
 
 
+def engine_dtype_values(s: BuildSettings) -> dict[str, str]:
+    """Tensors that must carry the engine's dtype end to end."""
+    return {
+        # The runtime rejects a prompt table whose dtype differs from the engine's weights
+        # ("Request embedding table data type doesn't match model weight data type").
+        "prompt_embedding_table_data_type": s.triton_dtype,
+        # LoRA weights too; the gateway reads the declared type from the ensemble config and sends that.
+        "lora_weights_data_type": s.triton_dtype,
+    }
+
+
 def tensorrt_llm_values(s: BuildSettings) -> dict[str, str]:
     """Values of model_repository/tensorrt_llm/config.pbtxt (the GPU-only template)."""
     p = s.profile
@@ -109,11 +120,7 @@ def tensorrt_llm_values(s: BuildSettings) -> dict[str, str]:
         else "",
         "lora_cache_max_adapter_size": str(s.max_lora_rank),
         "logits_datatype": "TYPE_FP32",
-        # The runtime rejects a prompt table whose dtype differs from the engine's weights
-        # ("Request embedding table data type doesn't match model weight data type").
-        "prompt_embedding_table_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
-        # LoRA weights must have the engine's dtype too (the gateway reads it from the ensemble config).
-        "lora_weights_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
+        **engine_dtype_values(s),
     }
 
 
@@ -135,9 +142,7 @@ def shared_values(s: BuildSettings) -> dict[str, str]:
         "engine_max_active_requests": str(p.max_batch_size),
         "max_queue_size": str(p.max_queue_size),
         "logits_datatype": "TYPE_FP32",
-        "prompt_embedding_table_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
-        # LoRA weights must have the engine's dtype too (the gateway reads it from the ensemble config).
-        "lora_weights_data_type": "TYPE_BF16" if s.dtype == "bfloat16" else "TYPE_FP16",
+        **engine_dtype_values(s),
     }
 
 

@@ -103,6 +103,25 @@ for _p in PROFILES.values():
     _p.check()
 
 
+# Gemma 3 is trained in bf16 and its activations overflow fp16 (inf/NaN in the residual stream), so the
+# engine is bf16 only; the W4A16 kernels with bf16 activations need compute capability 8.0 (Ampere) or newer.
+SUPPORTED_DTYPES = ("bfloat16",)
+TRITON_DTYPES = {"bfloat16": "TYPE_BF16"}
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+class UnsupportedDtype(ValueError):
+    pass
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedDtype(
+            f"dtype {dtype!r} is not supported: Gemma 3 overflows in float16, so the engine is built in "
+            "bfloat16 only (needs an sm80+ GPU: A100, L40S, H100, H200, B200, ...)"
+        )
+
+
 @dataclass(frozen=True)
 class BuildSettings:
     work_dir: Path = DEFAULT_WORK_DIR
@@ -110,13 +129,20 @@ class BuildSettings:
     revision: str | None = None
     profile: EngineProfile = PROFILES["latency"]
     tp_size: int = 1
-    dtype: str = "bfloat16"  # Gemma 3 is bf16-native; fp16 overflows its activations
+    dtype: str = "bfloat16"
     lora_dirs: tuple[Path, ...] = ()
     max_lora_rank: int = 64
     guided_decoding: bool = True
-    gpu_device_ids: str = ""  # "" = every GPU the container sees
     # Where the container sees this repository (compose mounts it read-only at /workspace).
     repo_root: Path = field(default_factory=lambda: Path(__file__).resolve().parents[2])
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+
+    @property
+    def triton_dtype(self) -> str:
+        """The engine dtype as Triton names it: prompt tables and LoRA weights must travel in it."""
+        return TRITON_DTYPES[self.dtype]
 
     # --- layout of the work volume ----------------------------------------------------------------
     @property
@@ -176,25 +202,41 @@ def _env_bool(value: str | None, default: bool) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+# The variables `.env` (see .env.example) sets for the builder, with the default each takes when unset.
+# .env.example lists exactly these with these values (a test checks it), so the two cannot drift.
+ENV_DEFAULTS: dict[str, str] = {
+    "TRITON_IMAGE_TAG": TRITON_IMAGE_TAG,
+    "MODEL_ID": C.MODEL_CARD_ID,
+    "MODEL_REVISION": "",
+    "ENGINE_PROFILE": "latency",
+    "TP_SIZE": "1",
+    "LORA_DIRS": "",
+    "MAX_LORA_RANK": "64",
+    "GUIDED_DECODING": "1",
+    "ENGINE_DTYPE": "bfloat16",
+}
+
+
 def settings_from_env(env: dict[str, str] | None = None, **overrides: object) -> BuildSettings:
     """Settings from the compose `.env` variables, with explicit CLI overrides winning."""
-    env = dict(os.environ if env is None else env)
-    profile_name = str(overrides.pop("profile", None) or env.get("ENGINE_PROFILE") or "latency")
+    given = dict(os.environ if env is None else env)
+    env = {**ENV_DEFAULTS, **{k: v for k, v in given.items() if v != ""}}
+    profile_name = str(overrides.pop("profile", None) or env["ENGINE_PROFILE"])
     if profile_name not in PROFILES:
         raise ValueError(f"unknown engine profile {profile_name!r}; choose one of {sorted(PROFILES)}")
     lora = overrides.pop("lora_dirs", None)
     if lora is None:
-        lora = tuple(Path(p) for p in env.get("LORA_DIRS", "").split(",") if p.strip())
+        lora = tuple(Path(p) for p in env["LORA_DIRS"].split(",") if p.strip())
     values: dict[str, object] = {
         "work_dir": Path(env.get("ENGINE_WORK_DIR") or DEFAULT_WORK_DIR),
-        "model_id": env.get("MODEL_ID") or C.MODEL_CARD_ID,
-        "revision": env.get("MODEL_REVISION") or None,
+        "model_id": env["MODEL_ID"],
+        "revision": env["MODEL_REVISION"] or None,
         "profile": PROFILES[profile_name],
-        "tp_size": int(env.get("TP_SIZE") or 1),
+        "tp_size": int(env["TP_SIZE"]),
         "lora_dirs": tuple(lora),
-        "max_lora_rank": int(env.get("MAX_LORA_RANK") or 64),
-        "guided_decoding": _env_bool(env.get("GUIDED_DECODING"), True),
-        "gpu_device_ids": env.get("TRITON_GPU_DEVICE_IDS", ""),
+        "max_lora_rank": int(env["MAX_LORA_RANK"]),
+        "guided_decoding": _env_bool(env["GUIDED_DECODING"], True),
+        "dtype": env["ENGINE_DTYPE"],
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values["work_dir"], str):

@@ -5,7 +5,10 @@ Run on a GPU server inside the pinned TensorRT-LLM image, after `python -m build
     python -m build_engine verify            # or: python -m build_engine.gpu.verify --work-dir /engines
 
 Cases: short chat prompts, one prompt longer than 1024 tokens (sliding windows + the global-only RoPE
-scaling; 3000 tokens by default) and one with an image (vision engine + prompt table). For each case the
+scaling; 3000 tokens by default), one with an image (vision engine + prompt table), and long-context
+"needle" prompts (~32k and ~100k tokens, as far as the profile's max_input_len allows) whose answer, a code
+word placed early in a long document, must come back greedy. HF comparisons run where HF fits
+(`--hf-max-tokens`); longer cases are checked for retrieval only. For each case the
 engine generates greedily with per-step generation logits; transformers then runs the *dequantized* GPTQ
 checkpoint (w = q·s in bf16, the exact dequantization the converter tests prove) teacher-forced on the
 engine's tokens, so every step is compared on the same prefix. Reported per case: first-token top-1 match,
@@ -19,11 +22,15 @@ an image, so image cases get looser thresholds (reported separately).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import io
 import json
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +59,10 @@ class Thresholds:
 @dataclass
 class Case:
     name: str
-    kind: str  # "text" | "long" | "image"
+    kind: str  # "text" | "long" | "image" | "needle"
     input_ids: list[int]
     image: bytes | None = None
+    expect: str | None = None  # needle: the answer the greedy output must contain
 
 
 @dataclass
@@ -69,6 +77,8 @@ class CaseResult:
     agreement: float
     common_greedy_prefix: int
     engine_text_tokens: list[int] = field(default_factory=list)
+    hf_compared: bool = True
+    retrieved: bool | None = None  # needle cases: did the greedy answer contain the fact
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -78,15 +88,30 @@ def chat_prompt(text: str) -> str:
     return expand_image_markers(render_chat([{"role": "user", "content": text}]))
 
 
-def long_text(min_tokens: int, encode: Any) -> str:
-    """A deterministic document longer than `min_tokens`, with a question whose answer sits at the start."""
-    lines = ["The secret code word for this document is PAPAYA-7."]
+def long_text(min_tokens: int, encode: Any, *, needle: str = "PAPAYA-7", step: int = 1) -> str:
+    """A deterministic document of at least `min_tokens` with a code word at its start and a question
+    about it at its end (the needle: the answer sits farther back than any sliding window reaches)."""
+    lines = [f"The secret code word for this document is {needle}."]
     i = 0
+    # Grow in blocks, measuring now and then: tokenizing a 100k-token prompt per line would be quadratic.
     while len(encode(chat_prompt("\n".join(lines)))) < min_tokens:
-        i += 1
-        lines.append(f"Paragraph {i}: inventory line {i} lists {i * 7 % 97} crates of item {i * 13 % 251}.")
+        for _ in range(step):
+            i += 1
+            lines.append(
+                f"Paragraph {i}: inventory line {i} lists {i * 7 % 97} crates of item {i * 13 % 251}."
+            )
     lines.append("Question: what is the secret code word given at the very beginning? Answer briefly.")
     return "\n".join(lines)
+
+
+NEEDLES = {32_000: "MANGO-31", 100_000: "QUINCE-58"}
+# long_text grows the needle document 200 lines (~5k tokens) between measurements.
+NEEDLE_OVERSHOOT = 8192
+
+
+def needle_lengths(max_input_len: int, wanted: tuple[int, ...] = tuple(NEEDLES)) -> list[int]:
+    """The needle prompt lengths the engine can take (prompt + answer must fit max_input_len)."""
+    return [n for n in wanted if n + NEEDLE_OVERSHOOT <= max_input_len]
 
 
 def synthetic_image() -> bytes:
@@ -103,7 +128,13 @@ def synthetic_image() -> bytes:
     return buf.getvalue()
 
 
-def build_cases(tokenizer_dir: Path, *, long_tokens: int, image: bytes | None) -> list[Case]:
+def build_cases(
+    tokenizer_dir: Path,
+    *,
+    long_tokens: int,
+    image: bytes | None,
+    needle_tokens: list[int] | tuple[int, ...] = (),
+) -> list[Case]:
     from gemma3_core.tokenizer import encode, load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
@@ -115,7 +146,20 @@ def build_cases(tokenizer_dir: Path, *, long_tokens: int, image: bytes | None) -
     long_ids = enc(chat_prompt(long_text(long_tokens, enc)))
     cases.append(Case(f"long-{len(long_ids)}", "long", long_ids))
     cases.append(Case("image", "image", enc(chat_prompt(IMAGE_PROMPT)), image or synthetic_image()))
+    for n in needle_tokens:
+        word = NEEDLES.get(n, f"NEEDLE-{n % 97}")
+        ids = enc(chat_prompt(long_text(n, enc, needle=word, step=200)))
+        cases.append(Case(f"needle-{len(ids)}", "needle", ids, expect=word))
     return cases
+
+
+def retrieved(expect: str, answer: str) -> bool:
+    """The code word, ignoring case and the hyphen the model may drop or space."""
+
+    def norm(t: str) -> str:
+        return "".join(ch for ch in t.upper() if ch.isalnum())
+
+    return norm(expect) in norm(answer)
 
 
 # --- metrics (pure numpy, unit-tested on CPU) -------------------------------------------------------
@@ -159,11 +203,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def evaluate(results: list[CaseResult], t: Thresholds) -> tuple[bool, list[str]]:
     failures: list[str] = []
-    text = [r for r in results if r.kind != "image"]
+    text = [r for r in results if r.kind in ("text", "long") and r.hf_compared]
     mismatches = sum(1 for r in text if not r.first_top1_match)
     if mismatches > t.max_first_token_mismatches:
         failures.append(f"{mismatches} text case(s) disagree on the first token")
     for r in results:
+        if r.retrieved is False:
+            failures.append(f"{r.name}: the greedy answer does not contain the needle")
+        if not r.hf_compared:
+            continue
         min_cos, min_agree = (
             (t.image_min_cosine, t.image_min_agreement)
             if r.kind == "image"
@@ -186,22 +234,77 @@ def image_prompt_table(vision_dir: Path, image: bytes) -> np.ndarray:
     return np.asarray(runner(preprocess_image_bytes(image).pixel_values))
 
 
+ENGINE_STARTUP_LOG: list[str] = []
+
+
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def capture_native_output() -> Iterator[_Captured]:
+    """Redirect the process's stdout/stderr file descriptors (C++ logging included) into a buffer, and echo
+    the buffer to stderr afterwards."""
+    captured = _Captured()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            captured.text = tmp.read().decode(errors="replace")
+            sys.stderr.write(captured.text)
+            sys.stderr.flush()
+
+
+def kv_capacity_report(log: str, profile: Any) -> dict[str, Any]:
+    """What the startup log says about the KV pools (found: False when the line is missing)."""
+    from build_engine.gpu import kv_capacity as kv
+
+    blocks = kv.parse_blocks_per_window(log)
+    if not blocks:
+        return {"found": False, "shares_env": os.environ.get(kv.ENV_VAR)}
+    tpb = kv.parse_tokens_per_block(log)
+    caps = kv.capacity_from_blocks(blocks, profile, tokens_per_block=tpb)
+    return {
+        "found": True,
+        "shares_env": os.environ.get(kv.ENV_VAR),
+        "tokens_per_block": tpb,
+        "windows": [asdict(c) for c in caps],
+        "concurrent_max_len_sequences": kv.concurrent_max_len_sequences(caps),
+    }
+
+
 def run_engine(
     engine_dir: Path, vision_dir: Path, cases: list[Case], windows: list[int], max_new_tokens: int
 ) -> dict[str, tuple[list[int], np.ndarray]]:
     """Greedy tokens and per-step generation logits from the engine (ModelRunnerCpp = the C++ executor)."""
+    os.environ.setdefault("TLLM_LOG_LEVEL", "INFO")  # the KV pool sizes are logged at INFO
     import torch
     from tensorrt_llm.runtime import ModelRunnerCpp
 
     from gemma3_core.images import expand_image_placeholders, image_content_hash
 
     vocab = json.loads((engine_dir / "config.json").read_text())["pretrained_config"]["vocab_size"]
-    runner = ModelRunnerCpp.from_dir(
-        str(engine_dir),
-        max_attention_window_size=windows,
-        kv_cache_free_gpu_memory_fraction=0.5,
-        gather_generation_logits=True,
-    )
+    # The executor logs its KV pools ("Blocks per window size") in C++ while it starts: capture fds 1/2.
+    with capture_native_output() as startup:
+        runner = ModelRunnerCpp.from_dir(
+            str(engine_dir),
+            max_attention_window_size=windows,
+            kv_cache_free_gpu_memory_fraction=0.5,
+            gather_generation_logits=True,
+        )
+    ENGINE_STARTUP_LOG.append(startup.text)
     out: dict[str, tuple[list[int], np.ndarray]] = {}
     for case in cases:
         kwargs: dict[str, Any] = {}
@@ -300,7 +403,11 @@ def dequantized_checkpoint(checkpoint_dir: Path, out_dir: Path) -> Path:
 
 
 def run_hf(
-    hf_dir: Path, cases: list[Case], engine_out: dict[str, tuple[list[int], np.ndarray]], max_new_tokens: int
+    hf_dir: Path,
+    cases: list[Case],
+    engine_out: dict[str, tuple[list[int], np.ndarray]],
+    max_new_tokens: int,
+    hf_max_tokens: int,
 ) -> dict[str, tuple[np.ndarray, list[int]]]:
     """Teacher-forced step logits on the engine's tokens, plus HF's own greedy continuation."""
     import torch
@@ -316,6 +423,9 @@ def run_hf(
     out: dict[str, tuple[np.ndarray, list[int]]] = {}
     for case in cases:
         tokens, _ = engine_out[case.name]
+        if len(case.input_ids) > hf_max_tokens:
+            print(f"[verify] hf {case.name}: skipped ({len(case.input_ids)} > {hf_max_tokens} tokens)")
+            continue
         ids = torch.tensor([case.input_ids + tokens], device=dev)
         kwargs: dict[str, Any] = {}
         if case.image is not None:
@@ -346,6 +456,17 @@ def add_verify_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--long-tokens", type=int, default=3000, help="length of the long (> 1024) prompt")
     ap.add_argument(
+        "--needle-tokens",
+        default=",".join(str(n) for n in NEEDLES),
+        help="comma-separated needle prompt lengths (those beyond the profile's max_input_len are skipped)",
+    )
+    ap.add_argument(
+        "--hf-max-tokens",
+        type=int,
+        default=32_768 + NEEDLE_OVERSHOOT,
+        help="compare with HF only on prompts up to this length (HF's memory grows with the prompt)",
+    )
+    ap.add_argument(
         "--image", type=Path, default=None, help="image file for the image case (default: synthetic)"
     )
     for f in Thresholds.__dataclass_fields__.values():
@@ -363,14 +484,44 @@ def run_verify(s: Any, args: argparse.Namespace) -> int:
         return 2
     t0 = time.monotonic()
     image = args.image.read_bytes() if args.image else None
-    cases = build_cases(s.tokenizer_dir, long_tokens=args.long_tokens, image=image)
+    wanted = tuple(int(n) for n in str(args.needle_tokens).split(",") if n.strip())
+    needles = needle_lengths(s.profile.max_input_len, wanted)
+    for n in sorted(set(wanted) - set(needles)):
+        print(
+            f"[verify] needle {n}: skipped (profile {s.profile.name} max_input_len {s.profile.max_input_len})"
+        )
+    cases = build_cases(s.tokenizer_dir, long_tokens=args.long_tokens, image=image, needle_tokens=needles)
     windows = s.profile.attention_window()
     engine_out = run_engine(s.engine_dir, s.vision_dir, cases, windows, args.max_new_tokens)
+    capacity = kv_capacity_report("".join(ENGINE_STARTUP_LOG), s.profile)
     hf_dir = dequantized_checkpoint(s.checkpoint_dir, s.work_dir / "hf-dequantized")
-    hf_out = run_hf(hf_dir, cases, engine_out, args.max_new_tokens)
+    hf_out = run_hf(hf_dir, cases, engine_out, args.max_new_tokens, args.hf_max_tokens)
+    from gemma3_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(s.tokenizer_dir)
     results = []
     for case in cases:
         tokens, e_logits = engine_out[case.name]
+        found = retrieved(case.expect, tok.decode(tokens)) if case.expect else None
+        if case.name not in hf_out:
+            nan = float("nan")
+            results.append(
+                CaseResult(
+                    case.name,
+                    case.kind,
+                    len(case.input_ids),
+                    False,
+                    nan,
+                    nan,
+                    nan,
+                    nan,
+                    0,
+                    tokens,
+                    hf_compared=False,
+                    retrieved=found,
+                )
+            )
+            continue
         steps, greedy = hf_out[case.name]
         if tokens:
             first = compare_logits(e_logits[0], steps[0])
@@ -388,9 +539,18 @@ def run_verify(s: Any, args: argparse.Namespace) -> int:
                 agreement=teacher_forced_agreement(tokens, steps),
                 common_greedy_prefix=common_prefix(tokens, greedy),
                 engine_text_tokens=tokens,
+                retrieved=found,
             )
         )
     ok, failures = evaluate(results, thresholds)
+    if capacity.get("found"):
+        print(
+            f"[verify] KV pools ({capacity['shares_env'] or 'equal split'}): "
+            + ", ".join(f"window {w['window']}: {w['tokens']} tokens" for w in capacity["windows"])
+            + f" → {capacity['concurrent_max_len_sequences']:.1f} concurrent max-length sequences"
+        )
+    else:
+        print("[verify] no 'Blocks per window size' line in the engine's startup log")
     print(f"\n{'case':<14}{'kind':<7}{'prompt':>7}{'top1':>6}{'cosine':>9}{'KL':>9}{'agree':>7}{'prefix':>8}")
     for r in results:
         print(
@@ -402,6 +562,7 @@ def run_verify(s: Any, args: argparse.Namespace) -> int:
         "failures": failures,
         "thresholds": asdict(thresholds),
         "results": [asdict(r) for r in results],
+        "kv_capacity": capacity,
         "seconds": time.monotonic() - t0,
     }
     out = s.work_dir / "verify" / "report.json"

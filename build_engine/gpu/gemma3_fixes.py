@@ -1,4 +1,11 @@
-"""Gemma 3 RoPE for the TensorRT-LLM engine: linear ×8 scaling on the global layers only.
+"""Gemma 3 fidelity fixes for the TensorRT-LLM engine flow, applied through trtllm-build's model-class hook.
+
+1. RoPE: linear ×8 scaling on the global layers only (below).
+2. q/k-norm epsilon: upstream builds Gemma's q/k RMSNorm with the attention default 1e-5; HF uses the
+   model's `rms_norm_eps` (1e-6). `set_qk_norm_eps` sets it on every layer before the network is built
+   (`RmsNorm.forward` reads `eps` then).
+
+RoPE in detail:
 
 Gemma 3 27B rotates global (full-attention) layers with base 1e6 and positions scaled by 1/8 (HF
 `rope_scaling: {linear, factor 8}`), sliding-window layers with base 1e4 and no scaling. The engine-flow
@@ -8,7 +15,7 @@ Gemma gets this wrong twice: `GemmaConfig.from_hugging_face` reads `rotary_scali
 same scale and every local `Attention` passes the same `rotary_embedding_scale(_type)` to `gpt_attention`.
 
 The fix uses trtllm-build's own extension point instead of a fork: `--model_cls_file <this file>
---model_cls_name Gemma3GlobalRopeScalingForCausalLM` makes `build_model` instantiate this subclass of
+--model_cls_name Gemma3FidelityFixesForCausalLM` makes `build_model` instantiate this subclass of
 `GemmaForCausalLM` (loaded with `SourceFileLoader`, hence no imports from our package here). Our checkpoint
 config sets `rotary_scaling` = linear ×8, so upstream builds the correct global table and global-layer
 plugin arguments; after construction this class
@@ -29,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-MODEL_CLS_NAME = "Gemma3GlobalRopeScalingForCausalLM"
+MODEL_CLS_NAME = "Gemma3FidelityFixesForCausalLM"
 
 
 def hf_inv_freq(base: float, dim: int, linear_factor: float | None = None) -> np.ndarray:
@@ -144,11 +151,38 @@ def apply_global_only_rope_scaling(model: Any) -> dict[str, int]:
     return counts
 
 
+def set_qk_norm_eps(model: Any, eps: float) -> int:
+    """Give every layer's q/k RMSNorm HF's epsilon; returns how many norms were set.
+
+    Raises if a layer has no q/k norm (then this is not a Gemma 3 network and the fix would be silently
+    wrong), or if `eps` is not a small positive number.
+    """
+    if not 0 < eps < 1e-3:
+        raise ValueError(f"implausible RMSNorm epsilon {eps!r}")
+    count = 0
+    for i, layer in enumerate(model.transformer.layers):
+        attn = layer.attention
+        for name in ("q_layernorm", "k_layernorm"):
+            norm = getattr(attn, name, None)
+            if norm is None or not hasattr(norm, "eps"):
+                raise AssertionError(f"layer {i}: attention has no {name} with an eps (not Gemma 3?)")
+            norm.eps = float(eps)
+            count += 1
+    return count
+
+
+def apply_fidelity_fixes(model: Any) -> None:
+    counts = apply_global_only_rope_scaling(model)
+    eps = float(model.config.norm_epsilon)
+    n = set_qk_norm_eps(model, eps)
+    print(f"[gemma3 fixes] q/k norm eps {eps:g} on {n} norms; rope {counts}", flush=True)
+
+
 if _HAVE_TRTLLM:
 
-    class Gemma3GlobalRopeScalingForCausalLM(GemmaForCausalLM):  # type: ignore[misc, valid-type]
-        """GemmaForCausalLM with HF's Gemma 3 RoPE (see module docstring)."""
+    class Gemma3FidelityFixesForCausalLM(GemmaForCausalLM):  # type: ignore[misc, valid-type]
+        """GemmaForCausalLM with HF's Gemma 3 RoPE and q/k-norm epsilon (see module docstring)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            apply_global_only_rope_scaling(self)
+            apply_fidelity_fixes(self)
