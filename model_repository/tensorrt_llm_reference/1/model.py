@@ -1,4 +1,4 @@
-"""Triton `tensorrt_llm` on CPU: marshals TensorRT-LLM's tensors to stack.reference_engine (decoupled)."""
+"""Triton `tensorrt_llm` on CPU: marshals TensorRT-LLM's tensors to cpu_engine (decoupled)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from gemma3_core.triton_io import optional_scalar, param, tensor
-from gemma3_core.words import from_word_list
-from stack.reference_engine import (
+from cpu_engine.deployment import EngineParameters
+from cpu_engine.engine import (
     EngineRequestError,
     GenerationRequest,
     ReferenceEngine,
     Sampling,
     load_model,
 )
+from cpu_engine.lora_hooks import LoraHooks
+from gemma3_core.triton_io import optional_scalar, param, tensor
+from gemma3_core.words import from_word_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -29,8 +31,7 @@ class TritonPythonModel:
         threads = int(os.environ.get("REFERENCE_ENGINE_THREADS", "0")) or None
         model = load_model(param(config, "hf_model_dir"), threads=threads)
         self.max_seq_len = int(param(config, "max_seq_len"))
-        from gemma3_core.lora import LoraHooks
-
+        self.parameters = EngineParameters.from_model_config(config)
         self.lora_hooks = LoraHooks(model)
         self.tokenizer_dir = param(config, "tokenizer_dir")
         self.vocab_size = int(param(config, "engine_vocab_size"))
@@ -39,6 +40,7 @@ class TritonPythonModel:
             vocab_size=self.vocab_size,
             max_active=int(param(config, "max_active_requests", "8")),
             lora_hooks=self.lora_hooks,
+            prefill_chunk=int(param(config, "prefill_chunk_tokens", "256")),
         )
 
     def execute(self, requests: list) -> None:
@@ -75,7 +77,9 @@ class TritonPythonModel:
         max_new = min(max_new, self.max_seq_len - int(ids.size))
 
         streaming = bool(optional_scalar(request, "streaming", False))
-        exclude_input = bool(optional_scalar(request, "exclude_input_in_output", False))
+        exclude_input = bool(
+            optional_scalar(request, "exclude_input_in_output", self.parameters.exclude_input_in_output)
+        )
         sampling = Sampling(
             temperature=float(optional_scalar(request, "temperature", 1.0)),
             top_k=int(optional_scalar(request, "runtime_top_k", 0)),
@@ -146,7 +150,7 @@ class TritonPythonModel:
         )
 
     def _guided(self, request: Any, guide_type: np.ndarray) -> Any:
-        from gemma3_core.guided import GuidedDecoder, tokenizer_info_from_tokenizer_json
+        from cpu_engine.guided import GuidedDecoder, tokenizer_info_from_tokenizer_json
 
         kind = guide_type.reshape(-1)[0]
         guide = tensor(request, "guided_decoding_guide")
