@@ -354,7 +354,7 @@ def main(results_path: str, md_path: str) -> int:
             "## CPU anchor: llama.cpp on the same GGUF",
             "",
             f"llama-cpp-python {anchor['llama_cpp_python']}, {anchor['threads']} thread(s), in process, "
-            "greedy, same prompts and length; its streams are decoded together in one `llama_decode` per step. "
+            "greedy, same prompts and length; its streams are decoded together, one `llama_decode` a step. "
             "Ours = the gateway's figure from the table above, measured in the same run.",
             "",
             "| streams | llama.cpp output tok/s | llama.cpp TTFT (ms) | ours / llama.cpp |",
