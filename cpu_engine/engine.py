@@ -200,7 +200,7 @@ class ReferenceEngine:
             try:
                 st = _Row(req, self._embed(req.input_ids, req.prompt_table))
             except Exception as exc:
-                _send(req, [], True, str(exc))
+                _send(req, [], True, f"engine error: {exc}")
                 continue
             if req.sampling.seed is not None:
                 st.generator = torch.Generator().manual_seed(int(req.sampling.seed) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -306,9 +306,7 @@ class ReferenceEngine:
             token = self._sample(st, logits)
         except Exception as exc:  # one broken request must never take its batch down
             log.exception("request %s failed", req.request_id)
-            self._finish(
-                st, error=f"engine error: {exc}" if not isinstance(exc, EngineRequestError) else str(exc)
-            )
+            self._finish(st, error=f"engine error: {exc}")
             return False
         if token == req.end_id:
             self._emit(st, [], final=True)

@@ -10,7 +10,7 @@ so a window over cache positions is the same window over that row's own position
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -21,6 +21,8 @@ class PaddedKV:
     keys: list[torch.Tensor]  # per layer [rows, kv_heads, columns, head_dim]
     values: list[torch.Tensor]
     mask: torch.Tensor  # [rows, columns] int64, 1 = a real token
+    # The cache the last forward appended to, reused by the next one until rows change.
+    _cache: DynamicCache | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, rows: int) -> PaddedKV:
@@ -39,21 +41,26 @@ class PaddedKV:
 
     def cache(self) -> DynamicCache:
         """A transformers cache over these tensors (its `update` appends the step's keys/values)."""
-        if not self.keys:
-            return DynamicCache()
-        return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values, strict=True)))
+        if self._cache is None:
+            pairs = list(zip(self.keys, self.values, strict=True))
+            self._cache = DynamicCache(ddp_cache_data=pairs) if pairs else DynamicCache()
+        return self._cache
 
     def step_mask(self, new_columns: int) -> torch.Tensor:
         """The attention mask for a forward that appends `new_columns` real tokens to every row."""
         return torch.cat([self.mask, torch.ones(self.rows, new_columns, dtype=torch.long)], dim=1)
 
     def absorb(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Take the cache a forward returned (and the mask it ran with) as this batch's new state."""
+        """Take the cache a forward appended to (and the mask it ran with) as this batch's new state."""
+        new = mask.shape[1] - self.columns
+        self._cache = cache
         self.keys = [layer.keys for layer in cache.layers]
         self.values = [layer.values for layer in cache.layers]
         self.mask = mask
         pad = (mask == 0)[:, None, :, None]
-        if bool(pad.any()):  # padding columns hold whatever the model computed there: keep them inert
+        # Padding columns of this forward (a prefill group) hold whatever the model computed there: make
+        # them inert. Older columns were cleaned when they were added.
+        if bool(pad[:, :, -new:].any()):
             for t in (*self.keys, *self.values):
                 t.masked_fill_(pad, 0.0)
 
@@ -63,11 +70,13 @@ class PaddedKV:
         mask = self.mask.index_select(0, idx)
         start = self.columns - int(mask.sum(dim=1).max()) if len(idx) else self.columns
         self.mask = mask[:, start:]
+        self._cache = None
         self.keys = [k.index_select(0, idx)[:, :, start:] for k in self.keys]
         self.values = [v.index_select(0, idx)[:, :, start:] for v in self.values]
 
     def extend(self, other: PaddedKV) -> None:
         """Append `other`'s rows, left-padding whichever side is shorter."""
+        self._cache = None
         if self.rows == 0:
             self.keys, self.values, self.mask = other.keys, other.values, other.mask
             return
