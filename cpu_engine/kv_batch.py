@@ -36,9 +36,6 @@ class PaddedKV:
     def columns(self) -> int:
         return int(self.mask.shape[1])
 
-    def lengths(self) -> torch.Tensor:
-        return self.mask.sum(dim=1)
-
     def cache(self) -> DynamicCache:
         """A transformers cache over these tensors (its `update` appends the step's keys/values)."""
         if self._cache is None:
