@@ -350,6 +350,24 @@ def main(results_path: str, md_path: str) -> int:
             "![real model](benchmarks/real_model.png)",
             "",
         ]
+    anchor = res.get("llama_cpp")
+    if anchor:
+        L += [
+            "## CPU anchor: llama.cpp on the same GGUF",
+            "",
+            f"llama-cpp-python {anchor['llama_cpp_python']}, {anchor['threads']} thread(s), in process, "
+            "greedy, same prompts and length; its streams are decoded together, one `llama_decode` a step. "
+            "Ours = the gateway's figure from the table above, measured in the same run.",
+            "",
+            "| streams | llama.cpp output tok/s | llama.cpp TTFT (ms) | ours / llama.cpp |",
+            "|---|---|---|---|",
+            *(
+                f"| {c} | {fmt(a['tokens_per_s_median'])} | {fmt(a['ttft_s_median'] * 1000)} | "
+                f"{fmt(a.get('ours_over_llama_cpp'), 3)} |"
+                for c, a in ((c, anchor[f"c{c}"]) for c in (1, 8) if f"c{c}" in anchor)
+            ),
+            "",
+        ]
     L += GPU_SECTION
     md.write_text("\n".join(L) + "\n")
     return 0

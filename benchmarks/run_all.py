@@ -18,7 +18,9 @@ Phases (each starts its own tritonserver and gateway, on private ports):
    `ensemble_ids` (the ensemble without postprocessing, rendered only here) -- which isolate the engine
    double, the cost of receiving a token in Python at all, and the detokenizer step;
 3. the real Gemma 3 270M reference engine: ensemble and gateway at concurrency 1 and 8;
-4. transformers generate on the same checkpoint and prompts (the floor), with no server running.
+4. transformers generate on the same checkpoint and prompts (the floor), with no server running;
+5. llama.cpp (llama-cpp-python in `.venv-bench`) on the very same GGUF, in process, 1 and 8 streams
+   decoded together (benchmarks/llama_cpp_anchor.py): the CPU anchor, reported as ours / llama.cpp.
 """
 
 from __future__ import annotations
@@ -405,6 +407,44 @@ def phase_bare(cfg: Config, prompts: list[str], hf_dir: str) -> None:
     cfg.results["bare"] = bare
 
 
+def phase_llama_cpp(cfg: Config, prompts: list[str], gguf: str) -> None:
+    log("phase 5: llama.cpp on the same GGUF (anchor)")
+    prompts_file = WORK / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts))
+    out = subprocess.run(
+        [
+            str(BENCH_VENV / "bin" / "python"),
+            "-m",
+            "benchmarks.llama_cpp_anchor",
+            "--gguf",
+            gguf,
+            "--prompts-file",
+            str(prompts_file),
+            "--max-tokens",
+            str(cfg.real_tokens),
+            "--threads",
+            str(cfg.engine_threads),
+            "--streams",
+            "1,8",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    anchor = json.loads(out.stdout)
+    ours = {(r["path"], r["concurrency"]): r for r in cfg.results.get("real", {}).get("runs", [])}
+    for c in (1, 8):
+        mine = ours.get(("gateway", c))
+        theirs = anchor[f"c{c}"]["tokens_per_s_median"]
+        anchor[f"c{c}"]["ours_over_llama_cpp"] = (
+            round(mine["tokens_per_s"] / theirs, 3) if mine and mine.get("tokens_per_s") and theirs else None
+        )
+    c1, c8 = anchor["c1"]["tokens_per_s_median"], anchor["c8"]["tokens_per_s_median"]
+    log(f"llama.cpp: c1 {c1} tok/s, c8 {c8} tok/s")
+    cfg.results["llama_cpp"] = anchor
+
+
 # --- environment facts --------------------------------------------------------------------------------
 
 
@@ -491,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_real:
             phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
             phase_bare(cfg, prompts, str(art.hf_dir))
+            phase_llama_cpp(cfg, prompts, str(art.gguf))
         cfg.results["elapsed_s"] = round(time.monotonic() - t0, 1)
         results_file.write_text(json.dumps(cfg.results, indent=1))
     subprocess.run(

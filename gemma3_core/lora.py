@@ -1,8 +1,9 @@
-"""Hugging Face PEFT LoRA adapters → TensorRT-LLM `lora_weights` / `lora_config`, and back into torch.
+"""Hugging Face PEFT LoRA adapters → TensorRT-LLM `lora_weights` / `lora_config`, and back (the layout).
 
-One place for the LoRA knowledge shared by the build (`build_engine.lora_convert`), the gateway's adapter
-registry (`gateway/lora_registry.py`) and the CPU reference engine (`from_trtllm_tensors` + `LoraHooks`).
-The layout facts and where they were confirmed in TensorRT-LLM are in docs/lora.md.
+One place for the LoRA layout shared by the build (`build_engine.lora_convert`), the gateway's adapter
+registry (`gateway/lora_registry.py`) and the CPU reference engine (`from_trtllm_tensors`; its torch hooks
+are `cpu_engine.lora_hooks`). The layout facts and where they were confirmed in TensorRT-LLM are in
+docs/lora.md.
 
 Layout (TensorRT-LLM C++ runtime, `LoraCache::copyToPages` / `loraUtils.cpp`):
   * `lora_config` row = `[module_id, layer_idx, adapter_size]` (INT32; a 4th `is_dora` column is accepted
@@ -15,27 +16,20 @@ Layout (TensorRT-LLM C++ runtime, `LoraCache::copyToPages` / `loraUtils.cpp`):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import logging
 import math
 import os
 import re
 import tempfile
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from gemma3_core.constants import TextArch
-
-if TYPE_CHECKING:  # torch is only needed by the CPU reference engine (LoraHooks)
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -448,152 +442,8 @@ def from_trtllm_tensors(
     return out
 
 
-# --- applying in torch (CPU reference engine) -----------------------------------------------------
-_TARGET_RE = re.compile(
-    r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\.(?P<name>\w+)$"
-)
-
-
-@dataclass(frozen=True)
-class DecodedLora:
-    """A task's matrices as float32 torch tensors on the model's device, ready for the hooks."""
-
-    task_id: int
-    deltas: Mapping[tuple[str, int], tuple[torch.Tensor, torch.Tensor, float]]
-
-
 def _hf_names(modules: Iterable[str]) -> set[str]:
     return {TRTLLM_TO_HF.get(m, m) for m in modules}
-
-
-class LoraHooks:
-    """Per-request LoRA for a HF Gemma 3 torch model, emulating TensorRT-LLM's PEFT cache.
-
-    Forward hooks are installed once on every q/k/v/o/gate/up/down Linear of the text decoder and are
-    no-ops unless `apply(lora)` is active in the current context (contextvar: safe with threads/asyncio
-    tasks), so the base model is untouched outside `apply`. Decoded tasks are kept in an LRU cache keyed by
-    task id (like the engine's PEFT cache): `resolve(task_id)` without weights on an unknown id raises
-    `LoraTaskNotCachedError` with TensorRT-LLM's exact message.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        capacity: int = 32,
-        dense_in_width: int | None = None,
-        allowed_modules: Collection[str] | None = None,
-    ) -> None:
-        self._targets: dict[tuple[str, int], torch.nn.Linear] = {}
-        for path, mod in model.named_modules():
-            m = _TARGET_RE.match(path)
-            if m is None or m["name"] not in HF_TO_TRTLLM or "vision" in m["prefix"]:
-                continue
-            self._targets[(m["name"], int(m["layer"]))] = mod  # type: ignore[assignment]
-        if not self._targets:
-            raise LoraError("no Gemma decoder projections found in the model")
-        self.dims: dict[str, tuple[int, int]] = {
-            name: (int(mod.in_features), int(mod.out_features)) for (name, _), mod in self._targets.items()
-        }
-        if allowed_modules is not None:  # the engine's lora_target_modules (HF or TensorRT-LLM names)
-            allowed = _hf_names(allowed_modules)
-            self.dims = {k: v for k, v in self.dims.items() if k in allowed}
-        self.num_layers = 1 + max(layer for _, layer in self._targets)
-        self.capacity = capacity
-        self.dense_in_width = dense_in_width
-        self._cache: OrderedDict[int, DecodedLora] = OrderedDict()
-        self._lock = threading.Lock()
-        self._active: contextvars.ContextVar[DecodedLora | None] = contextvars.ContextVar(
-            f"lora_active_{id(self)}", default=None
-        )
-        self._handles = [
-            mod.register_forward_hook(self._make_hook(key)) for key, mod in self._targets.items()
-        ]
-
-    def _make_hook(self, key: tuple[str, int]) -> Callable[..., Any]:
-        def hook(
-            module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor
-        ) -> torch.Tensor | None:
-            lora = self._active.get()
-            if lora is None:
-                return None
-            delta = lora.deltas.get(key)
-            if delta is None:
-                return None
-            a, b, scale = delta
-            x = inputs[0].to(a.dtype)
-            y = (x @ a.T) @ b.T
-            if scale != 1.0:
-                y = y * scale
-            return output + y.to(output.dtype)
-
-        return hook
-
-    def decode(self, task_id: int, weights: np.ndarray, config: np.ndarray) -> DecodedLora:
-        """Validate and convert request tensors (no caching)."""
-        import torch
-
-        mats = from_trtllm_tensors(
-            weights, config, self.dims, dense_in_width=self.dense_in_width, num_layers=self.num_layers
-        )
-        deltas = {}
-        for key, m in mats.items():
-            dev = self._targets[key].weight.device
-            deltas[key] = (
-                torch.from_numpy(np.ascontiguousarray(m.a)).to(dev),
-                torch.from_numpy(np.ascontiguousarray(m.b)).to(dev),
-                float(m.scale),
-            )
-        return DecodedLora(task_id=int(task_id), deltas=deltas)
-
-    def resolve(
-        self, task_id: int, weights: np.ndarray | None = None, config: np.ndarray | None = None
-    ) -> DecodedLora:
-        """The engine's per-request step: cached task → it; else decode the sent weights; else cache miss.
-
-        Like TensorRT-LLM, weights sent for a task id that is already cached are ignored.
-        """
-        task_id = int(task_id)
-        with self._lock:
-            hit = self._cache.get(task_id)
-            if hit is not None:
-                self._cache.move_to_end(task_id)
-                return hit
-        if weights is None or config is None:
-            raise LoraTaskNotCachedError(task_id)
-        decoded = self.decode(task_id, weights, config)
-        with self._lock:
-            self._cache[task_id] = decoded
-            self._cache.move_to_end(task_id)
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)  # in-flight requests keep their own reference
-        return decoded
-
-    def __contains__(self, task_id: object) -> bool:
-        with self._lock:
-            return task_id in self._cache
-
-    def evict(self, task_id: int | None = None) -> None:
-        """Drop one task (or all): the next request without weights gets the cache-miss error."""
-        with self._lock:
-            if task_id is None:
-                self._cache.clear()
-            else:
-                self._cache.pop(int(task_id), None)
-
-    @contextlib.contextmanager
-    def apply(self, lora: DecodedLora | None) -> Iterator[None]:
-        """Activate `lora` for forwards run inside the block (None = base model)."""
-        token = self._active.set(lora)
-        try:
-            yield
-        finally:
-            self._active.reset(token)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def save_npy_pair(

@@ -7,59 +7,44 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import torch
+import xgrammar as xgr
+from tokenizers import Tokenizer
 
-xgr = pytest.importorskip("xgrammar")
-torch = pytest.importorskip("torch")
-jsonschema = pytest.importorskip("jsonschema")
-
-from tokenizers import Tokenizer  # noqa: E402
-
-from gemma3_core import constants as C  # noqa: E402
-from gemma3_core.guided import (  # noqa: E402
+from build_engine.cpu import CpuArtifacts
+from cpu_engine.guided import (
     GuidedDecoder,
     check_guide,
     compile_guide,
     tokenizer_info_from_tokenizer_json,
-    write_xgrammar_tokenizer_info,
 )
-from gemma3_core.tool_parser import parse_tool_calls  # noqa: E402
-from gemma3_core.tool_prompt import guided_decoding_for  # noqa: E402
-
-
-def _tokenizer_json() -> Path | None:
-    candidates = [os.environ.get("GEMMA3_TOKENIZER_JSON")]
-    try:
-        from build_engine.cpu import CpuArtifacts, cache_root
-
-        candidates.append(str(CpuArtifacts(cache_root()).tokenizer_dir / "tokenizer.json"))
-    except Exception:  # build_engine not importable here: only the explicit locations count
-        pass
-    candidates.append("/tmp/probe/hf/tokenizer.json")
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    return None
-
-
-TOKENIZER_JSON = _tokenizer_json()
-pytestmark = pytest.mark.skipif(
-    TOKENIZER_JSON is None, reason="no Gemma 3 tokenizer.json (set GEMMA3_TOKENIZER_JSON)"
-)
+from gemma3_core import constants as C
+from gemma3_core.guided import write_xgrammar_tokenizer_info
+from gemma3_core.tool_parser import parse_tool_calls
+from gemma3_core.tool_prompt import guided_decoding_for
 
 VOCAB = C.GEMMA3_27B.vocab_size  # wider than the tokenizer: padding rows must stay masked
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    assert TOKENIZER_JSON is not None
-    return Tokenizer.from_file(str(TOKENIZER_JSON))
+def tokenizer_json(cpu_artifacts: CpuArtifacts) -> Path:
+    """GEMMA3_TOKENIZER_JSON if set, else the prepared CPU model's tokenizer (prepared on first use)."""
+    explicit = os.environ.get("GEMMA3_TOKENIZER_JSON")
+    path = Path(explicit) if explicit else cpu_artifacts.tokenizer_dir / "tokenizer.json"
+    assert path.is_file(), f"no Gemma 3 tokenizer.json at {path}"
+    return path
 
 
 @pytest.fixture(scope="module")
-def info() -> Any:
-    assert TOKENIZER_JSON is not None
-    return tokenizer_info_from_tokenizer_json(TOKENIZER_JSON, VOCAB)
+def tok(tokenizer_json: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tokenizer_json))
+
+
+@pytest.fixture(scope="module")
+def info(tokenizer_json: Path) -> Any:
+    return tokenizer_info_from_tokenizer_json(tokenizer_json, VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +62,7 @@ def _generate(
     for _ in range(max_steps):
         logits = torch.randn(VOCAB, generator=gen)
         logits[closers] += 4.0  # random, but biased towards finishing
-        dec.mask_logits(logits)  # the reference engine's spelling of apply_bitmask
+        dec.apply_bitmask(logits)
         assert torch.isinf(logits[C.SENTENCEPIECE_VOCAB :]).all(), "padding ids must never be allowed"
         token = int(torch.argmax(logits))
         assert dec.accept_token(token), token
@@ -118,7 +103,7 @@ TOOLS = [
 ]
 
 
-def test_tokenizer_info(info: Any, tok: Tokenizer) -> None:
+def test_tokenizer_info(info: Any, tok: Tokenizer, tokenizer_json: Path) -> None:
     assert info.vocab_size == VOCAB
     assert info.vocab_type == xgr.VocabType.BYTE_FALLBACK
     assert sorted(info.stop_token_ids) == sorted(C.DEFAULT_STOP_IDS)
@@ -126,7 +111,7 @@ def test_tokenizer_info(info: Any, tok: Tokenizer) -> None:
     assert C.START_OF_TURN_ID in special and C.BOI_ID in special  # blanked: never inside constrained text
     assert C.NEWLINE_ID not in special
     # Cached: the same object for the same arguments.
-    assert tokenizer_info_from_tokenizer_json(str(TOKENIZER_JSON), VOCAB) is info
+    assert tokenizer_info_from_tokenizer_json(str(tokenizer_json), VOCAB) is info
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -203,9 +188,8 @@ def test_grammar_cache_and_errors(info: Any) -> None:
     check_guide("json_schema", '{"type": "array", "items": {"const": "x"}}')
 
 
-def test_write_xgrammar_tokenizer_info(tmp_path: Path, tok: Tokenizer) -> None:
-    assert TOKENIZER_JSON is not None
-    out = write_xgrammar_tokenizer_info(TOKENIZER_JSON, tmp_path / "xgrammar_tokenizer_info.json")
+def test_write_xgrammar_tokenizer_info(tmp_path: Path, tok: Tokenizer, tokenizer_json: Path) -> None:
+    out = write_xgrammar_tokenizer_info(tokenizer_json, tmp_path / "xgrammar_tokenizer_info.json")
     data = json.loads(out.read_text(encoding="utf-8"))
     assert set(data) == {"encoded_vocab", "tokenizer_str", "stop_token_ids"}
     assert data["stop_token_ids"] == list(C.DEFAULT_STOP_IDS)

@@ -20,6 +20,7 @@ import transformers
 
 import build_engine.lora_convert as LC
 import gateway.lora_registry as R
+from cpu_engine.lora_hooks import LoraHooks
 from gemma3_core import lora as L
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -298,7 +299,7 @@ def merged(adapters) -> dict[str, torch.nn.Module]:
 def test_hooks_equal_merged_model(base, adapters, merged) -> None:
     ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(3))
     ref_base = _logits(base, ids)
-    hooks = L.LoraHooks(base)
+    hooks = LoraHooks(base)
     try:
         for i, name in enumerate(["alpha", "beta"]):
             w, c = L.to_trtllm_tensors(L.load_peft_adapter(adapters[name][0]), np.float32)
@@ -318,7 +319,7 @@ def test_hooks_equal_merged_model(base, adapters, merged) -> None:
 def test_hooks_fp16_tensors_close_to_merged(base, adapters, merged) -> None:
     """What Triton actually carries (FP16 lora_weights) stays close to the fp32 merged model."""
     ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(4))
-    hooks = L.LoraHooks(base)
+    hooks = LoraHooks(base)
     try:
         lora = hooks.resolve(5, *L.to_trtllm_tensors(L.load_peft_adapter(adapters["alpha"][0])))
         with hooks.apply(lora):
@@ -333,7 +334,7 @@ def test_hooks_interleaved_no_bleed(base, adapters, merged) -> None:
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(5))
     want = {k: _logits(m, ids) for k, m in merged.items()}
     want_base = _logits(base, ids)
-    hooks = L.LoraHooks(base)
+    hooks = LoraHooks(base)
     try:
         tensors = {
             k: L.to_trtllm_tensors(L.load_peft_adapter(p), np.float32) for k, (p, _) in adapters.items()
@@ -356,7 +357,7 @@ def test_hooks_thread_isolation(base, adapters, merged) -> None:
 
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(6))
     want_base = _logits(base, ids)
-    hooks = L.LoraHooks(base)
+    hooks = LoraHooks(base)
     try:
         lora = hooks.resolve(1, *L.to_trtllm_tensors(L.load_peft_adapter(adapters["beta"][0]), np.float32))
         seen: list[torch.Tensor] = []
@@ -370,7 +371,7 @@ def test_hooks_thread_isolation(base, adapters, merged) -> None:
 
 
 def test_hooks_cache_miss_and_eviction(base, adapters) -> None:
-    hooks = L.LoraHooks(base, capacity=1)
+    hooks = LoraHooks(base, capacity=1)
     try:
         with pytest.raises(L.LoraTaskNotCachedError) as e:
             hooks.resolve(42)
@@ -551,7 +552,7 @@ def test_real_checkpoint_greedy_equals_peft_merged(tmp_path: Path) -> None:
         return out[0, ids.shape[1] :].tolist()
 
     base_tokens = greedy(model)
-    hooks = L.LoraHooks(model)
+    hooks = LoraHooks(model)
     try:
         lora = hooks.resolve(1, *L.with_batch_dim(*L.to_trtllm_tensors(adapter)))  # FP16, as over Triton
         with hooks.apply(lora):

@@ -200,3 +200,33 @@ def test_gpu_tensorrt_llm_parameters(tmp_path: Path) -> None:
     outs = _tensors(cfg, "output")
     assert outs["output_ids"].data_type == mc.TYPE_INT32 and list(outs["output_ids"].dims) == [-1, -1]
     assert {"sequence_length", "num_input_tokens", "num_output_tokens"} <= set(outs)
+
+
+def _engine_parameters(target: str, tmp: Path) -> dict[str, str]:
+    (engine,) = [m for m in render_target(target, tmp / target) if m.name == "tensorrt_llm"]
+    return {k: v.string_value for k, v in engine.config.parameters.items()}
+
+
+def test_cpu_engine_honours_the_gpu_engine_parameters(tmp_path: Path) -> None:
+    """Every parameter the GPU engine config sets is honoured by the reference engine or listed GPU-only."""
+    from cpu_engine.deployment import GPU_ONLY_PARAMETERS, HONOURED_PARAMETERS, EngineParameters
+
+    gpu, cpu = _engine_parameters("gpu", tmp_path), _engine_parameters("cpu", tmp_path)
+    assert not set(HONOURED_PARAMETERS) & set(GPU_ONLY_PARAMETERS)
+    unlisted = set(gpu) - set(HONOURED_PARAMETERS) - set(GPU_ONLY_PARAMETERS)
+    assert not unlisted, (
+        f"GPU engine parameters neither honoured on CPU nor listed GPU-only: {sorted(unlisted)}"
+    )
+    stale = (set(HONOURED_PARAMETERS) | set(GPU_ONLY_PARAMETERS)) - set(gpu)
+    assert not stale, f"listed but no longer set by the GPU config: {sorted(stale)}"
+    assert all(reason for reason in GPU_ONLY_PARAMETERS.values())
+    for key, (_, same_value) in HONOURED_PARAMETERS.items():
+        assert key in cpu, f"the reference engine's config does not carry {key!r}"
+        if same_value:
+            assert cpu[key] == gpu[key], f"{key}: cpu {cpu[key]!r} != gpu {gpu[key]!r}"
+    # ... and the engine reads them as the GPU backend does.
+    as_read = EngineParameters.from_model_config(
+        {"parameters": {k: {"string_value": v} for k, v in cpu.items()}}
+    )
+    assert as_read.exclude_input_in_output is (gpu["exclude_input_in_output"] == "true")
+    assert as_read.max_beam_width == int(gpu["max_beam_width"])

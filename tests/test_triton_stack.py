@@ -61,6 +61,16 @@ async def test_greedy_tokens_equal_transformers(triton_server, hf_model, tokeniz
     assert res.num_output_tokens == len(expected)
 
 
+async def test_plain_ensemble_request_gets_only_the_completion(triton_server, hf_model, tokenizer) -> None:
+    # No stream, no exclude_input_in_output: the deployment default (true on GPU and CPU alike) applies.
+    prompt = PROMPTS[3]
+    expected = hf_greedy(hf_model, encode(tokenizer, prompt), 8)
+    inputs = [tensor("text_input", [[prompt]]), tensor("max_tokens", [[8]], np.int32)]
+    res = await stream(triton_server.grpc_url, "ensemble", inputs)
+    assert res.error is None, res.error
+    assert res.data == ByteDetokenizer(tokenizer).token_bytes(expected)
+
+
 @pytest.mark.parametrize("prompt", [PROMPTS[2], PROMPTS[3], "<bos>中文：我喜欢吃"])
 async def test_streamed_text_equals_non_streamed(triton_server, prompt: str) -> None:
     kw = dict(top_k=1, exclude_input_in_output=True)

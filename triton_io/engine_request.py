@@ -49,8 +49,11 @@ class EngineRequest:
     guide: tuple[str, str] | None = None  # (guide type, guide)
 
     @classmethod
-    def from_triton(cls, request: Any, *, max_seq_len: int, engine: str) -> EngineRequest:
-        """Read one Triton request; `engine` names the implementation in refusals it alone makes."""
+    def from_triton(
+        cls, request: Any, *, max_seq_len: int, engine: str, exclude_input_default: bool = False
+    ) -> EngineRequest:
+        """Read one Triton request; `engine` names the implementation in refusals it alone makes;
+        `exclude_input_default` is the deployment's `exclude_input_in_output` parameter."""
         ids = tensor(request, Engine.INPUT_IDS)
         if ids is None:
             raise EngineRequestError("input_ids is required")
@@ -86,7 +89,9 @@ class EngineRequest:
             end_id=int(optional_scalar(request, Engine.END_ID, 1)),
             min_tokens=int(optional_scalar(request, Engine.MIN_TOKENS, 0)),
             streaming=bool(optional_scalar(request, Engine.STREAMING, False)),
-            exclude_input=bool(optional_scalar(request, Engine.EXCLUDE_INPUT_IN_OUTPUT, False)),
+            exclude_input=bool(
+                optional_scalar(request, Engine.EXCLUDE_INPUT_IN_OUTPUT, exclude_input_default)
+            ),
             sampling=sampling,
             stop_words=_word_list(tensor(request, Engine.STOP_WORDS_LIST)),
             bad_words=_word_list(tensor(request, Engine.BAD_WORDS_LIST)),

@@ -1,4 +1,4 @@
-"""Triton `tensorrt_llm` on CPU: marshals TensorRT-LLM's tensors to stack.reference_engine (decoupled)."""
+"""Triton `tensorrt_llm` on CPU: marshals TensorRT-LLM's tensors to cpu_engine (decoupled)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from stack.reference_engine import (
-    GenerationRequest,
-    ReferenceEngine,
-    Sampling,
-    load_model,
-)
+from cpu_engine.deployment import EngineParameters
+from cpu_engine.engine import GenerationRequest, ReferenceEngine, Sampling, load_model
+from cpu_engine.lora_hooks import LoraHooks
 from triton_io.contract import Engine
 from triton_io.engine_request import EngineRequest
 from triton_io.python_model import param
@@ -30,8 +27,7 @@ class TritonPythonModel:
         threads = int(os.environ.get("REFERENCE_ENGINE_THREADS", "0")) or None
         model = load_model(param(config, "hf_model_dir"), threads=threads)
         self.max_seq_len = int(param(config, "max_seq_len"))
-        from gemma3_core.lora import LoraHooks
-
+        self.parameters = EngineParameters.from_model_config(config)
         self.lora_hooks = LoraHooks(model)
         self.tokenizer_dir = param(config, "tokenizer_dir")
         self.vocab_size = int(param(config, "engine_vocab_size"))
@@ -40,6 +36,7 @@ class TritonPythonModel:
             vocab_size=self.vocab_size,
             max_active=int(param(config, "max_active_requests", "8")),
             lora_hooks=self.lora_hooks,
+            prefill_chunk=int(param(config, "prefill_chunk_tokens", "256")),
         )
 
     def execute(self, requests: list) -> None:
@@ -59,7 +56,10 @@ class TritonPythonModel:
 
     def _parse(self, request: Any, sender: Any) -> GenerationRequest:
         parsed = EngineRequest.from_triton(
-            request, max_seq_len=self.max_seq_len, engine="the reference engine"
+            request,
+            max_seq_len=self.max_seq_len,
+            engine="the reference engine",
+            exclude_input_default=self.parameters.exclude_input_in_output,
         )
         prompt_table = None
         if parsed.prompt_table is not None:
@@ -109,7 +109,7 @@ class TritonPythonModel:
         )
 
     def _guided(self, kind: str, text: str) -> Any:
-        from gemma3_core.guided import GuidedDecoder, tokenizer_info_from_tokenizer_json
+        from cpu_engine.guided import GuidedDecoder, tokenizer_info_from_tokenizer_json
         from gemma3_core.tokenizer import load_tokenizer
 
         # xgrammar needs room for every tokenizer entry: the 270M's logits (262144) stop short of the
