@@ -53,7 +53,11 @@ async def prepare(
     limits.check_request(request, settings)
     adapter = lora.resolve(request.model) if lora else None
     tools = plan_tools(
-        request.tools, request.tool_choice, request.response_format, request.parallel_tool_calls
+        request.tools,
+        request.tool_choice,
+        request.response_format,
+        request.parallel_tool_calls,
+        settings.max_tool_calls,
     )
     prompt = render_prompt(request.messages, images is not None, request.tools, request.tool_choice)
     # Rendered first so a malformed conversation costs no fetch; all images are fetched concurrently.

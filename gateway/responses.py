@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import sse
 from gateway.generation import Delta, Event, Failure, Finish, Generation
-from gemma3_core.tool_parser import StreamingToolParser
+from gateway.tools import ToolReader
 
 
 async def collect(generation: Generation, first: Event | None = None) -> dict[str, Any]:
@@ -48,7 +48,7 @@ class _ChunkWriter:
         ctx = generation.ctx
         self.generation = generation
         self.factory = sse.ChunkFactory(ctx.id, ctx.created, ctx.request.model, ctx.request.include_usage)
-        self.parsers: dict[int, StreamingToolParser | None] = {
+        self.parsers: dict[int, ToolReader | None] = {
             c.index: ctx.tools.new_parser() for c in generation.choices
         }
 
@@ -67,7 +67,7 @@ class _ChunkWriter:
             parser = self.parsers.get(event.index)
             if parser is not None:
                 out.extend(factory.delta(event.index, delta) for delta in parser.finish())
-                reason = "tool_calls" if parser.has_tool_calls else reason
+                reason = self.generation.ctx.tools.finish_reason(parser, reason)
             out.append(factory.finish(event.index, reason))
             return not self.generation.unfinished
         out.append(sse.error_event(event.error.body()))
