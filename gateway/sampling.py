@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.settings import GatewaySettings
-from gateway.validation import ChatRequest
+from gateway.validation import GenerationRequest
 
 GREEDY_TEMPERATURE = 1e-5
 UINT64_MOD = 1 << 64
@@ -61,7 +61,9 @@ class SamplingParams:
         return values
 
 
-def resolve_sampling(request: ChatRequest, settings: GatewaySettings, max_tokens: int) -> SamplingParams:
+def resolve_sampling(
+    request: GenerationRequest, settings: GatewaySettings, max_tokens: int
+) -> SamplingParams:
     temperature = settings.default_temperature if request.temperature is None else request.temperature
     top_p = settings.default_top_p if request.top_p is None else request.top_p
     top_k = settings.default_top_k if request.top_k is None else max(request.top_k, 0)
