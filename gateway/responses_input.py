@@ -23,6 +23,7 @@ _PASSED = (
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "stop",
     "stream",
     "user",
     "parallel_tool_calls",

@@ -192,7 +192,10 @@ def test_openapi_conformance(gateway: GatewayTarget) -> None:
             ("/v1/completions", {"prompt": "Hello", "max_tokens": 8, "stream": True}),
             ("/v1/completions", {"prompt": "Hello", "max_tokens": 8}),
             ("/v1/responses", {"input": "Hello", "max_output_tokens": 8}),
-            ("/v1/responses", {"input": ASK_CITY, "tools": [RESPONSES_TOOL], "stream": True}),
+            (
+                "/v1/responses",
+                {"input": ASK_CITY, "tools": [RESPONSES_TOOL], "stream": True, "max_output_tokens": 24},
+            ),
             ("/v1/responses", {"input": "Hello", "store": True}),
         ]:
             response = client.post(path, json={"model": gateway.model, **body})
@@ -305,5 +308,10 @@ def test_agents_sdk_structured_output(gateway: GatewayTarget, responses_api: boo
 
 
 def test_agents_sdk_responses_text_run(gateway: GatewayTarget) -> None:
-    result = _agents_run(gateway, responses_api=True)
+    from agents import ModelSettings
+
+    # The SDK treats `response.incomplete` (max_output_tokens reached) as a failed run, as it should; a
+    # base model rambles, so the gateway's `stop` extension ends the answer at the first line.
+    settings = ModelSettings(temperature=0, max_tokens=64, extra_body={"stop": ["\n"]})
+    result = _agents_run(gateway, responses_api=True, model_settings=settings)
     assert isinstance(result.final_output, str)
