@@ -1,7 +1,8 @@
 """The FastAPI application: routes, lifecycle and OpenAPI document.
 
 Data flow of `POST /v1/chat/completions`: raw body → validation (jsonschema) → prompt (gemma3_core template)
-→ Triton streams (gateway/triton) → JSON body or SSE (chat, sse).
+→ Triton streams (gateway/triton) → JSON body or SSE (chat, sse). `/v1/completions` (completions.py) and
+`/v1/responses` (responses_api.py) differ only in their prompt and response shape; they share the rest.
 """
 
 from __future__ import annotations
@@ -19,18 +20,32 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.auth import KeyChecker
 from gateway.chat import ChatService
+from gateway.completions import handle_completion
 from gateway.errors import ERROR_RESPONSES, APIError, install_error_handlers, model_card, model_not_found
 from gateway.logs import AccessLogMiddleware
 from gateway.lora import LoraService
 from gateway.metrics import GatewayMetrics, RequestCounterMiddleware
+from gateway.responses_api import handle_responses
 from gateway.settings import GatewaySettings
 from gateway.triton.client import GenerationBackend, TritonStreamClient
-from gateway.validation import load_schema
+from gateway.validation import CHAT_SCHEMA, COMPLETION_SCHEMA, RESPONSES_SCHEMA, load_schema
 
 log = logging.getLogger("gateway")
 
 CHAT_PATH = "/v1/chat/completions"
-ROUTES = (CHAT_PATH, "/v1/models", "/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json")
+COMPLETIONS_PATH = "/v1/completions"
+RESPONSES_PATH = "/v1/responses"
+ROUTES = (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    RESPONSES_PATH,
+    "/v1/models",
+    "/health/live",
+    "/health/ready",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+)
 
 
 class GatewayState:
@@ -105,19 +120,32 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Request body component → the schema file the gateway validates that endpoint with.
+REQUEST_SCHEMAS = {
+    "ChatCompletionRequest": CHAT_SCHEMA,
+    "CompletionRequest": COMPLETION_SCHEMA,
+    "ResponsesRequest": RESPONSES_SCHEMA,
+}
+
+
 def _openapi_with_request_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document plus the chat request schema (the same file the gateway validates with)."""
+    """FastAPI's document plus the request schemas (the same files the gateway validates with)."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    schema = copy.deepcopy(load_schema())
-    components = schema.pop("components", {}).get("schemas", {})
-    schema.pop("$schema", None)
     all_schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    all_schemas.update(components)
-    all_schemas["ChatCompletionRequest"] = schema
+    for component, name in REQUEST_SCHEMAS.items():
+        schema = copy.deepcopy(load_schema(name))
+        all_schemas.update(schema.pop("components", {}).get("schemas", {}))
+        schema.pop("$schema", None)
+        all_schemas[component] = schema
     app.openapi_schema = doc
     return doc
+
+
+def _body(component: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{component}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def create_app(
@@ -145,7 +173,8 @@ def create_app(
     app = FastAPI(
         title="Gemma 3 OpenAI-compatible gateway",
         version="0.1.0",
-        description="OpenAI Chat Completions in front of Triton + TensorRT-LLM serving Gemma 3.",
+        description="OpenAI Chat Completions, Completions and Responses in front of Triton + TensorRT-LLM "
+        "serving Gemma 3.",
         lifespan=lifespan,
     )
     app.state.gateway = state
@@ -173,19 +202,46 @@ def create_app(
             },
             **ERROR_RESPONSES,
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
-                },
-            }
-        },
+        openapi_extra=_body("ChatCompletionRequest"),
         summary="Create a chat completion",
     )
     async def chat_completions(request: Request) -> Response:
         raw = await _read_body(request, settings.max_request_bytes)
         return await state.chat.handle(raw, request)
+
+    @app.post(
+        COMPLETIONS_PATH,
+        dependencies=auth,
+        responses={
+            200: {
+                "description": "a `text_completion` object, or an SSE stream of them",
+                "content": {"text/event-stream": {}},
+            },
+            **ERROR_RESPONSES,
+        },
+        openapi_extra=_body("CompletionRequest"),
+        summary="Create a completion (legacy: raw prompt, no chat template)",
+    )
+    async def completions(request: Request) -> Response:
+        raw = await _read_body(request, settings.max_request_bytes)
+        return await handle_completion(state.chat, raw, request)
+
+    @app.post(
+        RESPONSES_PATH,
+        dependencies=auth,
+        responses={
+            200: {
+                "description": "a `response` object, or an SSE stream of Responses events",
+                "content": {"text/event-stream": {}},
+            },
+            **ERROR_RESPONSES,
+        },
+        openapi_extra=_body("ResponsesRequest"),
+        summary="Create a model response (stateless Responses API)",
+    )
+    async def responses(request: Request) -> Response:
+        raw = await _read_body(request, settings.max_request_bytes)
+        return await handle_responses(state.chat, raw, request)
 
     @app.get("/v1/models", dependencies=auth, summary="List the served model ids")
     async def list_models() -> dict[str, Any]:

@@ -16,18 +16,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from gateway.admission import AdmissionController
-from gateway.generation import Failure, Generation
+from gateway.generation import Event, Failure, Generation
 from gateway.images import ImageService
 from gateway.logs import current_request_id
 from gateway.lora import LoraBackend, LoraService
 from gateway.metrics import GatewayMetrics
 from gateway.prepare import ChatContext, prepare
-from gateway.responses import GenerationStreamingResponse, collect
+from gateway.responses import GenerationStreamingResponse, StreamWriter, collect
 from gateway.settings import GatewaySettings
 from gateway.triton.client import GenerationBackend
 
 log = logging.getLogger("gateway.chat")
 T = TypeVar("T")
+BodyShaper = Callable[[Generation, Event], Awaitable[dict[str, Any]]]
+WriterFactory = Callable[[Generation], StreamWriter]
 
 
 class ClientDisconnected(Exception):
@@ -94,6 +96,13 @@ class ChatService:
     async def _count_tokens(self, text: str) -> int:
         return (await self._encode_len(text)) or 0
 
+    async def encode_len(self, text: str) -> int | None:
+        """Tokens of `text` (None without a tokenizer)."""
+        return await self._encode_len(text)
+
+    def tokenizer(self) -> Any | None:
+        return self._tokenizer_loader() if self._tokenizer_loader is not None else None
+
     async def prepare(self, raw: bytes) -> ChatContext:
         return await prepare(raw, self.settings, self._encode_len, self.images, self.lora)
 
@@ -105,12 +114,20 @@ class ChatService:
     async def handle(self, raw: bytes, http_request: Request) -> Response:
         """Answer one chat completion whose body (`raw`) was already read; `http_request` is watched for a
         disconnect while waiting."""
-        ctx = await self.prepare(raw)
+        return await self.serve(await self.prepare(raw), http_request, collect, None)
+
+    async def serve(
+        self, ctx: ChatContext, http_request: Request, shape_body: BodyShaper, writer: WriterFactory | None
+    ) -> Response:
+        """Admission → generation → `shape_body`'s JSON, or SSE from `writer` (None: chat chunks).
+
+        Every generating endpoint (chat, legacy completions, Responses) comes through here, so they share
+        admission, deadlines, cancellation and metrics."""
         ctx.request_id = current_request_id()
         if self.settings.log_prompts:  # debug only: prompts carry user data
             log.info("prompt", extra={"prompt": ctx.prompt, "chat_id": ctx.id})
         try:  # validation first, so invalid requests never take (or wait for) a slot; 429 when saturated
-            permit = await until_disconnect(http_request, self.admission.acquire(ctx.request.n))
+            permit = await until_disconnect(http_request, self.admission.acquire(ctx.choice_count))
         except ClientDisconnected:
             return Response(status_code=499)
         count = self._count_tokens if self._tokenizer_loader is not None else None
@@ -129,8 +146,10 @@ class ChatService:
             if isinstance(first, Failure):
                 raise first.error
             if ctx.request.stream:
-                return GenerationStreamingResponse(generation, first)
-            body = await until_disconnect(http_request, collect(generation, first))
+                return GenerationStreamingResponse(
+                    generation, first, writer(generation) if writer is not None else None
+                )
+            body = await until_disconnect(http_request, shape_body(generation, first))
             generation.close()
             return JSONResponse(body)
         except ClientDisconnected:

@@ -1,4 +1,4 @@
-"""The n concurrent Triton streams of one chat completion, as one queue of typed events.
+"""The concurrent Triton streams of one request (n choices per prompt), as one queue of typed events.
 
 Each choice runs as its own task with its own Triton stream, UTF-8 decoder and stop matcher; the tasks put
 events on one queue, so choices interleave in the order their text arrives. Closing a `Generation`
@@ -88,8 +88,8 @@ class Generation:
         self.count_tokens = count_tokens
         self.on_close = on_close
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.choices = [Choice(i, StopMatcher(ctx.sampling.stop)) for i in range(ctx.request.n)]
-        self.prompt_tokens: int | None = None
+        self.choices = [Choice(i, StopMatcher(ctx.sampling.stop)) for i in range(ctx.choice_count)]
+        self.prompt_tokens: dict[int, int] = {}  # prompt index -> Triton's count (counted once per prompt)
         self.unfinished = len(self.choices)
         self.done = False  # the stream/reply ran to its end (all choices finished, or an error was reported)
         self._closed = False
@@ -117,11 +117,12 @@ class Generation:
         values = {**self.ctx.sampling.triton_inputs(choice.index), **self.ctx.extra_inputs}
         request_id = f"{self.ctx.request_id or self.ctx.id}-{choice.index}"
         try:
-            stream = self.backend.generate(self.ctx.prompt, values, request_id)
+            prompt_index = self.ctx.prompt_index(choice.index)
+            stream = self.backend.generate(self.ctx.prompt_of(choice.index), values, request_id)
             async with contextlib.aclosing(stream):
                 async for response in stream:
-                    if response.num_input_tokens is not None and self.prompt_tokens is None:
-                        self.prompt_tokens = response.num_input_tokens
+                    if response.num_input_tokens is not None:
+                        self.prompt_tokens.setdefault(prompt_index, response.num_input_tokens)
                     if response.num_output_tokens is not None:
                         choice.tokens_reported = True
                         choice.completion_tokens += response.num_output_tokens
@@ -166,7 +167,9 @@ class Generation:
         return event
 
     def usage(self) -> dict[str, int]:
-        prompt = self.prompt_tokens if self.prompt_tokens is not None else (self.ctx.prompt_tokens or 0)
+        prompts = max(1, len(self.ctx.prompts))
+        reported = len(self.prompt_tokens) == prompts
+        prompt = sum(self.prompt_tokens.values()) if reported else (self.ctx.prompt_tokens or 0)
         completion = sum(c.completion_tokens for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.errors import bad_request
 from gateway.settings import GatewaySettings
-from gateway.validation import ChatRequest
+from gateway.validation import ChatRequest, GenerationRequest
 
 
 def check_request(request: ChatRequest, settings: GatewaySettings) -> None:
@@ -40,23 +40,30 @@ def check_max_tokens(max_tokens: int | None, param: str, settings: GatewaySettin
         )
 
 
-def check_prompt_tokens(prompt_tokens: int | None, settings: GatewaySettings) -> None:
+def check_prompt_tokens(
+    prompt_tokens: int | None, settings: GatewaySettings, prompt_param: str = "messages"
+) -> None:
     limit = settings.max_prompt_tokens
     if prompt_tokens is not None and limit is not None and prompt_tokens > limit:
         raise bad_request(
             f"the prompt has {prompt_tokens} tokens; this deployment accepts at most {limit}",
-            "messages",
+            prompt_param,
             "context_length_exceeded",
         )
 
 
-def budget(prompt_tokens: int | None, request: ChatRequest, settings: GatewaySettings) -> int:
+def budget(
+    prompt_tokens: int | None,
+    request: GenerationRequest,
+    settings: GatewaySettings,
+    prompt_param: str = "messages",
+) -> int:
     """The completion's token budget: the prompt and the completion must fit the model's context length.
 
     Without a tokenizer (`prompt_tokens` None) only the request's own `max_tokens` can be checked; the
     default then is `default_max_tokens`, otherwise whatever room the prompt leaves (at most that default).
     """
-    check_prompt_tokens(prompt_tokens, settings)
+    check_prompt_tokens(prompt_tokens, settings, prompt_param)
     limit = settings.max_model_len
     param = request.max_tokens_param
     if request.max_tokens is not None and request.max_tokens > limit:
@@ -69,16 +76,16 @@ def budget(prompt_tokens: int | None, request: ChatRequest, settings: GatewaySet
         return request.max_tokens or settings.default_max_tokens
     if prompt_tokens >= limit:
         raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, your messages "
-            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
-            "messages",
+            f"This model's maximum context length is {limit} tokens. However, your {prompt_param} "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the {prompt_param}.",
+            prompt_param,
             "context_length_exceeded",
         )
     if request.max_tokens is not None and prompt_tokens + request.max_tokens > limit:
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the messages, "
-            f"{request.max_tokens} in the completion). Please reduce the length of the messages "
+            f"{prompt_tokens + request.max_tokens} tokens ({prompt_tokens} in the {prompt_param}, "
+            f"{request.max_tokens} in the completion). Please reduce the length of the {prompt_param} "
             "or completion.",
             param,
             "context_length_exceeded",

@@ -20,7 +20,7 @@ from gateway.prompt import render_prompt
 from gateway.sampling import SamplingParams, resolve_sampling
 from gateway.settings import GatewaySettings
 from gateway.tools import NO_TOOLS, ToolPlan, plan_tools
-from gateway.validation import ChatRequest, parse_chat_request
+from gateway.validation import ChatRequest, GenerationRequest, parse_chat_request
 from gemma3_core.chat_template import expand_image_markers
 from triton_io.contract import Ensemble
 
@@ -29,7 +29,9 @@ PromptCounter = Callable[[str], Awaitable[int | None]]  # None without a tokeniz
 
 @dataclass
 class ChatContext:
-    request: ChatRequest
+    """Everything one generating request needs (chat, legacy completions and the Responses API alike)."""
+
+    request: GenerationRequest
     prompt: str
     prompt_tokens: int | None  # gateway's own count (None without a tokenizer)
     sampling: SamplingParams
@@ -40,6 +42,18 @@ class ChatContext:
     extra_inputs: dict[str, Any] = field(default_factory=dict)  # images, guided decoding (all choices)
     tools: ToolPlan = NO_TOOLS
     adapter: str | None = None  # LoRA adapter name
+    # Several prompts (legacy completions): choice i generates from prompts[i // n]; empty: [prompt].
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def choice_count(self) -> int:
+        return max(1, len(self.prompts)) * self.request.n
+
+    def prompt_index(self, choice: int) -> int:
+        return choice // self.request.n
+
+    def prompt_of(self, choice: int) -> str:
+        return self.prompts[self.prompt_index(choice)] if self.prompts else self.prompt
 
 
 async def prepare(
@@ -50,11 +64,27 @@ async def prepare(
     lora: LoraService | None = None,
 ) -> ChatContext:
     """Validate, render and size the request; every failure is an `APIError` (4xx)."""
-    request = parse_chat_request(raw, settings, lora.knows if lora else None)
+    return await prepare_chat(
+        parse_chat_request(raw, settings, lora.knows if lora else None), settings, count_prompt, images, lora
+    )
+
+
+async def prepare_chat(
+    request: ChatRequest,
+    settings: GatewaySettings,
+    count_prompt: PromptCounter,
+    images: ImageService | None = None,
+    lora: LoraService | None = None,
+) -> ChatContext:
+    """A validated chat request (from a chat body or a translated Responses body) → its context."""
     limits.check_request(request, settings)
     adapter = lora.resolve(request.model) if lora else None
     tools = plan_tools(
-        request.tools, request.tool_choice, request.response_format, request.parallel_tool_calls
+        request.tools,
+        request.tool_choice,
+        request.response_format,
+        request.parallel_tool_calls,
+        settings.max_tool_calls,
     )
     prompt = render_prompt(request.messages, request.tools, request.tool_choice)
     # Rendered first so a malformed conversation costs no fetch; all images are fetched concurrently.

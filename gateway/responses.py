@@ -7,18 +7,18 @@ streamed deltas a streaming parser's deltas, so call text never reaches `content
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import sse
 from gateway.generation import Delta, Event, Failure, Finish, Generation
-from gemma3_core.tool_parser import StreamingToolParser
+from gateway.tools import ToolReader
 
 
-async def collect(generation: Generation, first: Event | None = None) -> dict[str, Any]:
-    """Wait for all choices and build the non-streamed `chat.completion` body."""
+async def wait_all(generation: Generation, first: Event | None = None) -> None:
+    """Wait until every choice finished (their text is in `generation.choices`); a failure raises."""
     event = first
     while generation.unfinished:
         if event is None:
@@ -26,6 +26,11 @@ async def collect(generation: Generation, first: Event | None = None) -> dict[st
         if isinstance(event, Failure):
             raise event.error
         event = None
+
+
+async def collect(generation: Generation, first: Event | None = None) -> dict[str, Any]:
+    """Wait for all choices and build the non-streamed `chat.completion` body."""
+    await wait_all(generation, first)
     ctx, choices = generation.ctx, generation.choices
     shaped = [ctx.tools.message(c.text, c.finish_reason) for c in choices]
     return {
@@ -41,19 +46,34 @@ async def collect(generation: Generation, first: Event | None = None) -> dict[st
     }
 
 
-class _ChunkWriter:
-    """Appends the SSE chunks of each event; one per stream."""
+class StreamWriter(Protocol):
+    """Turns a generation's events into one endpoint's SSE bytes (chat chunks, completions, Responses)."""
+
+    def start(self, out: list[bytes]) -> None: ...
+
+    def encode(self, event: Event, out: list[bytes]) -> bool:
+        """Append the SSE bytes of one event; True when the stream ends with it."""
+        ...
+
+    def end(self, out: list[bytes]) -> None: ...
+
+
+class ChatChunkWriter:
+    """Appends the `chat.completion.chunk`s of each event; one per stream."""
 
     def __init__(self, generation: Generation) -> None:
         ctx = generation.ctx
         self.generation = generation
         self.factory = sse.ChunkFactory(ctx.id, ctx.created, ctx.request.model, ctx.request.include_usage)
-        self.parsers: dict[int, StreamingToolParser | None] = {
+        self.tools = ctx.tools
+        self.parsers: dict[int, ToolReader | None] = {
             c.index: ctx.tools.new_parser() for c in generation.choices
         }
 
+    def start(self, out: list[bytes]) -> None:
+        out.extend(self.factory.role(choice.index) for choice in self.generation.choices)
+
     def encode(self, event: Event, out: list[bytes]) -> bool:
-        """Append the SSE chunks of one event; True when the stream ends with it."""
         factory = self.factory
         if isinstance(event, Delta):
             parser = self.parsers.get(event.index)
@@ -67,18 +87,23 @@ class _ChunkWriter:
             parser = self.parsers.get(event.index)
             if parser is not None:
                 out.extend(factory.delta(event.index, delta) for delta in parser.finish())
-                reason = "tool_calls" if parser.has_tool_calls else reason
+                reason = self.tools.finish_reason(parser, reason)
             out.append(factory.finish(event.index, reason))
             return not self.generation.unfinished
         out.append(sse.error_event(event.error.body()))
         return True
 
+    def end(self, out: list[bytes]) -> None:
+        if not self.generation.unfinished and self.factory.include_usage:
+            out.append(self.factory.usage(self.generation.usage()))
+        out.append(sse.DONE)
 
-async def stream(generation: Generation, first: Event) -> AsyncIterator[bytes]:
+
+async def stream(generation: Generation, first: Event, writer: StreamWriter) -> AsyncIterator[bytes]:
     """The SSE bytes of a generation whose first event was `first`; closes the generation at the end."""
-    writer = _ChunkWriter(generation)
     try:
-        out = [writer.factory.role(choice.index) for choice in generation.choices]
+        out: list[bytes] = []
+        writer.start(out)
         event = first
         while not writer.encode(event, out):
             queued = generation.ready_event()
@@ -88,10 +113,8 @@ async def stream(generation: Generation, first: Event) -> AsyncIterator[bytes]:
             yield b"".join(out)  # everything already queued leaves as one write (one syscall)
             out.clear()
             event = await generation.next_event()
-        if not generation.unfinished and writer.factory.include_usage:
-            out.append(writer.factory.usage(generation.usage()))
+        writer.end(out)
         generation.done = True
-        out.append(sse.DONE)
         yield b"".join(out)
     finally:
         generation.close()
@@ -100,9 +123,9 @@ async def stream(generation: Generation, first: Event) -> AsyncIterator[bytes]:
 class GenerationStreamingResponse(StreamingResponse):
     """Closes the generation however the response ends (done, client gone, server shutdown)."""
 
-    def __init__(self, generation: Generation, first: Event) -> None:
+    def __init__(self, generation: Generation, first: Event, writer: StreamWriter | None = None) -> None:
         super().__init__(
-            stream(generation, first),
+            stream(generation, first, writer or ChatChunkWriter(generation)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

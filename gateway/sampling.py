@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.settings import GatewaySettings
-from gateway.validation import ChatRequest
+from gateway.validation import GenerationRequest
 from triton_io.contract import Ensemble
 
 GREEDY_TEMPERATURE = 1e-5
@@ -65,7 +65,9 @@ class SamplingParams:
         return values
 
 
-def resolve_sampling(request: ChatRequest, settings: GatewaySettings, max_tokens: int) -> SamplingParams:
+def resolve_sampling(
+    request: GenerationRequest, settings: GatewaySettings, max_tokens: int
+) -> SamplingParams:
     temperature = settings.default_temperature if request.temperature is None else request.temperature
     top_p = settings.default_top_p if request.top_p is None else request.top_p
     top_k = settings.default_top_k if request.top_k is None else max(request.top_k, 0)

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gemma3_core import constants as C
 from gemma3_core.images import DEFAULT_MAX_PIXELS
+from gemma3_core.tool_prompt import DEFAULT_MAX_CALLS
 
 
 def _csv_or_json_list(value: object) -> object:
@@ -74,6 +75,8 @@ class GatewaySettings(BaseSettings):
     max_model_len: int = Field(default=131072, ge=1)
     default_max_tokens: int = Field(default=4096, ge=1)
     max_n: int = Field(default=8, ge=1)
+    # Calls a forced tool_choice ("required") may make in one reply; enforced by the guided grammar.
+    max_tool_calls: int = Field(default=DEFAULT_MAX_CALLS, ge=1, le=128)
 
     # --- request limits (gateway/limits.py; 400s) ----------------------------------------------
     max_messages: int = Field(default=1024, ge=1)

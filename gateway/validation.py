@@ -18,32 +18,37 @@ from jsonschema import Draft7Validator, validators
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from gateway.errors import APIError, bad_request
+from gateway.responses_input import to_chat_body
 from gateway.settings import GatewaySettings
 
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "chat_request.schema.json"
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+CHAT_SCHEMA = "chat_request"  # one JSON Schema per endpoint: schemas/<name>.schema.json
+COMPLETION_SCHEMA = "completion_request"
+RESPONSES_SCHEMA = "responses_request"
+SCHEMA_PATH = SCHEMA_DIR / f"{CHAT_SCHEMA}.schema.json"
 _MAX_MESSAGE_CHARS = 300  # jsonschema messages quote the instance; a 1 MB string must not come back
 
 
 @functools.cache
-def load_schema() -> dict[str, Any]:
-    with SCHEMA_PATH.open(encoding="utf-8") as f:
+def load_schema(name: str = CHAT_SCHEMA) -> dict[str, Any]:
+    with (SCHEMA_DIR / f"{name}.schema.json").open(encoding="utf-8") as f:
         return json.load(f)
 
 
 @functools.cache
-def _validator() -> Draft7Validator:
+def _validator(name: str = CHAT_SCHEMA) -> Draft7Validator:
     # No format checker: `format: uri` stays an annotation (data: URLs and odd-but-valid URLs are the
     # image fetcher's business, not the schema's).
-    return Draft7Validator(load_schema())
+    return Draft7Validator(load_schema(name))
 
 
 @functools.cache
-def _fast_validator() -> jsonschema_rs.Validator:
+def _fast_validator(name: str = CHAT_SCHEMA) -> jsonschema_rs.Validator:
     """The same schema in Rust (jsonschema-rs): about 0.5 µs per valid request against 100-300 µs in Python,
     which is most of a request's validation cost under a burst. It only ever says "valid": whatever it
     rejects goes to the Python validator above, which decides and words the error, so its stricter corners
     (formats, `$` before a trailing newline) cannot turn away a request the reference accepts."""
-    return jsonschema_rs.validator_for(load_schema(), validate_formats=False)
+    return jsonschema_rs.validator_for(load_schema(name), validate_formats=False)
 
 
 def param_path(path: Iterable[str | int]) -> str | None:
@@ -110,14 +115,14 @@ def _is_small(value: Any) -> bool:
     )
 
 
-def schema_error(body: Any) -> APIError | None:
-    """The most relevant schema violation of `body`, or None when it conforms."""
+def schema_error(body: Any, name: str = CHAT_SCHEMA) -> APIError | None:
+    """The most relevant violation of `body` against schemas/<name>.schema.json, or None when it conforms."""
     try:
-        if _fast_validator().is_valid(body):
+        if _fast_validator(name).is_valid(body):
             return None
     except ValueError:  # what Rust cannot take (lone surrogates): the reference decides
         pass
-    error = best_match(_validator().iter_errors(body))
+    error = best_match(_validator(name).iter_errors(body))
     if error is None:
         return None
     message, param = _describe(_most_specific(error))
@@ -138,11 +143,10 @@ def parse_json(raw: bytes) -> Any:
 
 
 @dataclass
-class ChatRequest:
-    """A validated chat request, with defaults resolved and every field typed."""
+class GenerationRequest:
+    """What every generating endpoint resolves the same way: model, sampling, limits, streaming."""
 
     model: str
-    messages: list[dict[str, Any]]
     n: int = 1
     stream: bool = False
     include_usage: bool = False
@@ -156,10 +160,24 @@ class ChatRequest:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChatRequest(GenerationRequest):
+    """A validated chat request, with defaults resolved and every field typed."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    """A validated legacy completion request: one or more prompts, each a string or token ids."""
+
+    prompts: list[str | list[int]] = field(default_factory=list)
 
 
 def _opt_float(body: dict[str, Any], key: str) -> float | None:
@@ -288,26 +306,30 @@ def _invalid_unicode(value: Any, path: list[str | int]) -> list[str | int] | Non
     return None
 
 
+ModelKnown = Callable[[str], bool] | None
+
 # Fields whose strings reach the prompt, the engine or an error message.
 _TEXT_FIELDS = ("model", "messages", "stop", "tools", "tool_choice", "response_format", "user")
 
 
-def parse_chat_request(
-    raw: bytes, settings: GatewaySettings, model_known: Callable[[str], bool] | None = None
-) -> ChatRequest:
-    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own."""
+def _parse_body(raw: bytes, schema: str, text_fields: Iterable[str]) -> dict[str, Any]:
     body = parse_json(raw)
-    error = schema_error(body)
+    if schema == RESPONSES_SCHEMA:
+        _check_responses_types(body)
+    error = schema_error(body, schema)
     if error is not None:
         raise error
     assert isinstance(body, dict)
-    for key in _TEXT_FIELDS:
+    for key in text_fields:
         bad = _invalid_unicode(body.get(key), [key])
         if bad is not None:
             raise bad_request(
                 "String contains a lone surrogate (not valid Unicode)", param_path(bad), "invalid_value"
             )
+    return body
 
+
+def _resolve_model(body: dict[str, Any], settings: GatewaySettings, model_known: ModelKnown) -> str:
     model = body.get("model") or settings.model_id
     if model not in settings.served_model_ids and not (model_known is not None and model_known(model)):
         raise APIError(
@@ -317,7 +339,14 @@ def parse_chat_request(
             param="model",
             code="model_not_found",
         )
+    return model
 
+
+def _generation_fields(
+    body: dict[str, Any], settings: GatewaySettings, model_known: ModelKnown
+) -> dict[str, Any]:
+    """The `GenerationRequest` fields of a chat or completion body (already schema-checked)."""
+    model = _resolve_model(body, settings, model_known)
     stream = bool(body.get("stream"))
     stream_options = body.get("stream_options")
     if stream_options is not None and not stream:
@@ -342,35 +371,158 @@ def parse_chat_request(
             "logit_bias is not supported by this deployment", "logit_bias", "unsupported_parameter"
         )
 
-    _check_tools(body)
-    if not settings.images_enabled:
-        _refuse_images(body["messages"])
-
     # max_completion_tokens supersedes the deprecated max_tokens when both are sent.
     max_tokens_param = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else list(dict.fromkeys(stop or []))
+    return {
+        "model": model,
+        "n": n,
+        "stream": stream,
+        "include_usage": bool(stream and stream_options and stream_options.get("include_usage")),
+        "max_tokens": _opt_int(body, max_tokens_param),
+        "max_tokens_param": max_tokens_param,
+        "temperature": _opt_float(body, "temperature"),
+        "top_p": _opt_float(body, "top_p"),
+        "top_k": _opt_int(body, "top_k"),
+        "seed": _opt_int(body, "seed"),
+        "presence_penalty": _opt_float(body, "presence_penalty"),
+        "frequency_penalty": _opt_float(body, "frequency_penalty"),
+        "repetition_penalty": _opt_float(body, "repetition_penalty"),
+        "stop": stops,
+    }
 
+
+def parse_chat_request(raw: bytes, settings: GatewaySettings, model_known: ModelKnown = None) -> ChatRequest:
+    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own."""
+    return chat_request_from_body(_parse_body(raw, CHAT_SCHEMA, _TEXT_FIELDS), settings, model_known)
+
+
+def chat_request_from_body(
+    body: dict[str, Any], settings: GatewaySettings, model_known: ModelKnown = None
+) -> ChatRequest:
+    """A chat body that passed the chat schema → `ChatRequest` (the rules a schema cannot express)."""
+    fields = _generation_fields(body, settings, model_known)
+    _check_tools(body)
+    if not settings.images_enabled:
+        _refuse_images(body["messages"])
     return ChatRequest(
-        model=model,
+        **fields,
         messages=body["messages"],
-        n=n,
-        stream=stream,
-        include_usage=bool(stream and stream_options and stream_options.get("include_usage")),
-        max_tokens=_opt_int(body, max_tokens_param),
-        max_tokens_param=max_tokens_param,
-        temperature=_opt_float(body, "temperature"),
-        top_p=_opt_float(body, "top_p"),
-        top_k=_opt_int(body, "top_k"),
-        seed=_opt_int(body, "seed"),
-        presence_penalty=_opt_float(body, "presence_penalty"),
-        frequency_penalty=_opt_float(body, "frequency_penalty"),
-        repetition_penalty=_opt_float(body, "repetition_penalty"),
-        stop=stops,
         tools=body.get("tools"),
         tool_choice=body.get("tool_choice"),
         response_format=body.get("response_format"),
         parallel_tool_calls=body.get("parallel_tool_calls"),
     )
+
+
+# --- legacy completions ---------------------------------------------------------------------------
+_COMPLETION_TEXT_FIELDS = ("model", "prompt", "stop", "user")
+
+
+def parse_completion_request(
+    raw: bytes, settings: GatewaySettings, model_known: ModelKnown = None, vocab_size: int | None = None
+) -> CompletionRequest:
+    """`vocab_size`: the tokenizer's (token-id prompts need it; None: they are refused)."""
+    body = _parse_body(raw, COMPLETION_SCHEMA, _COMPLETION_TEXT_FIELDS)
+    fields = _generation_fields(body, settings, model_known)
+    for name, why in (
+        ("echo", "echo is not supported by this deployment"),
+        ("suffix", "suffix (insertion) is not supported by this model"),
+    ):
+        if body.get(name):
+            raise bad_request(why, name, "unsupported_parameter")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != fields["n"] and best_of != 1:
+        raise bad_request("best_of is not supported by this deployment", "best_of", "unsupported_parameter")
+    prompt = body["prompt"]
+    # A string, a list of strings, a list of token ids, or a list of token-id lists (schema-checked).
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    for i, item in enumerate(prompts):
+        if isinstance(item, list):
+            param = "prompt" if len(prompts) == 1 and not isinstance(prompt[0], list) else f"prompt[{i}]"
+            if vocab_size is None:
+                raise bad_request(
+                    "token-id prompts need the deployment's tokenizer (GATEWAY_TOKENIZER_DIR)",
+                    param,
+                    "unsupported_parameter",
+                )
+            bad = next((t for t in item if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param)
+    if len(prompts) * fields["n"] > settings.max_n:
+        raise bad_request(
+            f"prompts × n is {len(prompts) * fields['n']}; this deployment accepts at most {settings.max_n}",
+            "prompt",
+            "invalid_value",
+        )
+    return CompletionRequest(**fields, prompts=prompts)
+
+
+# --- Responses API --------------------------------------------------------------------------------
+_RESPONSES_TEXT_FIELDS = ("model", "input", "instructions", "tools", "tool_choice", "text", "user")
+
+
+_RESPONSES_ITEM_TYPES = ("message", "function_call", "function_call_output")
+
+
+def _check_responses_types(body: Any) -> None:
+    """Built-in tools (web_search, …) and stored items (item_reference, …) need OpenAI's servers: say so
+    by name rather than with a schema mismatch."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise bad_request(
+                f"tool type '{kind[:40]}' is not supported by this deployment; only function tools are",
+                f"tools[{i}].type",
+                "unsupported_parameter",
+            )
+    items = body.get("input") if isinstance(body, dict) else None
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if isinstance(kind, str) and kind not in _RESPONSES_ITEM_TYPES:
+            raise bad_request(
+                f"input item type '{kind[:40]}' is not supported by this deployment (stateless; items: "
+                f"{', '.join(_RESPONSES_ITEM_TYPES)})",
+                f"input[{i}].type",
+                "unsupported_parameter",
+            )
+
+
+def parse_responses_request(
+    raw: bytes, settings: GatewaySettings, model_known: ModelKnown = None
+) -> tuple[ChatRequest, dict[str, Any]]:
+    """A Responses body → (the equivalent `ChatRequest`, the body). The gateway keeps no state, so what
+    needs stored responses is refused rather than silently answered without the earlier context."""
+    body = _parse_body(raw, RESPONSES_SCHEMA, _RESPONSES_TEXT_FIELDS)
+    if body.get("store"):
+        raise bad_request(
+            "this deployment is stateless: responses are not stored; send store: false (or leave it out)",
+            "store",
+            "unsupported_parameter",
+        )
+    if body.get("previous_response_id") is not None:
+        raise bad_request(
+            "previous_response_id needs stored responses, which this stateless deployment does not keep; "
+            "send the whole conversation in `input`",
+            "previous_response_id",
+            "unsupported_parameter",
+        )
+    if body.get("background"):
+        raise bad_request("background responses are not supported", "background", "unsupported_parameter")
+    chat_body = to_chat_body(body)
+    error = schema_error(chat_body, CHAT_SCHEMA)  # the translation of a valid body is valid; make sure
+    if error is not None:
+        raise error
+    request = chat_request_from_body(chat_body, settings, model_known)
+    if request.max_tokens is not None:
+        request.max_tokens_param = "max_output_tokens"
+    return request, body

@@ -603,11 +603,15 @@ class StreamingToolParser:
     `{"tool_calls": [...]}`: the first delta of a call carries `index`, `id`, `type: "function"`,
     `function.name` and `function.arguments: ""`; the next carries the arguments JSON. Content is emitted
     only once it cannot be part of a call; a call that never completes is released as content by
-    `finish()`. Concatenated content deltas equal `parse_tool_calls(full_text).content or ""`.
+    `finish()`. Concatenated content deltas equal `parse_tool_calls(full_text).content or ""`; with
+    `max_calls`, the calls equal the first `max_calls` of `parse_tool_calls(full_text).calls`.
     """
 
-    def __init__(self, tools: Iterable[Mapping[str, Any] | str] | None = None) -> None:
+    def __init__(
+        self, tools: Iterable[Mapping[str, Any] | str] | None = None, max_calls: int | None = None
+    ) -> None:
         self._scanner = _Scanner(tool_names(tools))
+        self.max_calls = max_calls  # calls beyond it are dropped (`parallel_tool_calls: false` keeps one)
         self._seen_events = 0
         self.calls: list[ToolCall] = []
         self._content: list[str] = []
@@ -647,6 +651,8 @@ class StreamingToolParser:
                 out.append({"content": "".join(pending_text)})
                 pending_text = []
             for call in payload:
+                if self.max_calls is not None and len(self.calls) >= self.max_calls:
+                    continue
                 index = len(self.calls)
                 self.calls.append(call)
                 out.append(
@@ -666,3 +672,201 @@ class StreamingToolParser:
             out.append({"content": "".join(pending_text)})
         self._content.extend(d["content"] for d in out if "content" in d)
         return out
+
+
+# --- forced call lists ----------------------------------------------------------------------------
+# The head of one call object as the forced grammar writes it: `{"name": "f", "arguments": ` (the
+# schema lists `name` first; any JSON whitespace is allowed, as TensorRT-LLM's default grammar allows it).
+_W = r"[ \t\r\n]*"
+_FORCED_HEAD = re.compile(rf'\{{{_W}"name"{_W}:{_W}"((?:[^"\\]|\\.)*)"{_W},{_W}"arguments"{_W}:{_W}')
+
+
+class ForcedCallReader:
+    """Reads the call list a forced `tool_choice` produces under guided decoding, as it grows.
+
+    The grammar guarantees the shape `[{"name": "f", "arguments": {...}}, ...]`, so a call is announced as
+    soon as its name is known and its arguments stream as they are generated: the argument deltas are
+    the raw JSON text of the `arguments` value, and that same text is the call's `arguments` one-shot,
+    so joined deltas equal the non-streamed arguments byte for byte, for any split of the text.
+
+    - An exact duplicate of an earlier call (same name, same arguments text) is dropped; a call that may
+      still turn out to be one is held back until it differs.
+    - At most `max_calls` calls; the rest of the list is ignored.
+    - A list cut off (by `max_tokens`) keeps its complete calls; `closed` says whether the list ended.
+      While streaming, a call cut off inside its arguments has been announced with partial arguments
+      (as OpenAI streams do); one-shot leaves it out.
+    - Text the grammar cannot have produced (no guide applied) falls back to `parse_tool_calls` at the end.
+    """
+
+    def __init__(self, tools: Iterable[Mapping[str, Any] | str] | None, max_calls: int | None = None) -> None:
+        self.names = tool_names(tools)
+        self.max_calls = max_calls
+        self.calls: list[ToolCall] = []  # complete calls, in list order
+        self.closed = False  # the list's closing `]` was read (or the call cap reached)
+        self.content: str | None = None  # a forced reply has no content
+        self._buf = ""
+        self._pos = 0
+        self._state = "start"  # start | next | head | args | item_end | done | broken
+        self._announced = 0  # calls announced so far (stream indexes)
+        self._current: ToolCall | None = None  # the call whose arguments are being read, once announced
+        self._name = ""
+        self._args_start = 0
+        self._sent = 0  # argument characters of the current call already sent
+        self._scan: _BracketScan | None = None
+        self._finished = False
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return bool(self.calls)
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self._buf += text
+        return self._run()
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._finished:
+            return []
+        self._finished = True
+        out = self._run()
+        if self._state == "broken" and not self.calls and self._announced == 0:
+            for call in parse_tool_calls(self._buf, self.names).calls:
+                if self._is_duplicate(call.name, call.arguments_json) or self._full():
+                    continue
+                out.extend(self._announce(call.name, call.id))
+                out.append(self._args_delta(call.arguments_json))
+                self.calls.append(call)
+        return out
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _full(self) -> bool:
+        return self.max_calls is not None and len(self.calls) >= self.max_calls
+
+    def _is_duplicate(self, name: str, arguments: str) -> bool:
+        return any(c.name == name and c.arguments_json == arguments for c in self.calls)
+
+    def _may_be_duplicate(self, name: str, prefix: str) -> bool:
+        return any(c.name == name and c.arguments_json.startswith(prefix) for c in self.calls)
+
+    def _announce(self, name: str, call_id: str) -> list[dict[str, Any]]:
+        self._announced += 1
+        head = {"index": self._announced - 1, "id": call_id, "type": "function"}
+        return [{"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]}]
+
+    def _args_delta(self, piece: str) -> dict[str, Any]:
+        return {"tool_calls": [{"index": self._announced - 1, "function": {"arguments": piece}}]}
+
+    def _skip_ws(self) -> bool:
+        self._pos = _skip_ws(self._buf, self._pos)
+        return self._pos < len(self._buf)
+
+    # --- the state machine -----------------------------------------------------------------------
+    def _run(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while self._step(out):
+            pass
+        return out
+
+    def _step(self, out: list[dict[str, Any]]) -> bool:
+        """One transition; False when it needs more text (or is done)."""
+        state, buf = self._state, self._buf
+        if state in ("done", "broken"):
+            return False
+        if state == "args":
+            return self._step_args(out)
+        if not self._skip_ws():
+            return False
+        ch = buf[self._pos]
+        if state == "start":
+            if ch != "[":
+                self._state = "broken"
+                return False
+            self._pos += 1
+            self._state = "next"
+            return True
+        if state == "item_end":
+            if ch != "}":
+                self._state = "broken"
+                return False
+            self._pos += 1
+            self._state = "next"
+            return True
+        if state == "next":
+            if ch == ",":
+                self._pos += 1
+                return True
+            if ch == "]":
+                self._pos += 1
+                self.closed, self._state = True, "done"
+                return False
+            if ch != "{":
+                self._state = "broken"
+                return False
+            if self._full():
+                self.closed, self._state = True, "done"
+                return False
+            self._state = "head"
+            return True
+        # state == "head"
+        m = _FORCED_HEAD.match(buf, self._pos)
+        if m is None or m.end() >= len(buf):
+            # Not (yet) the head: wait, unless the text already cannot become it.
+            if m is None and len(buf) - self._pos > 512:
+                self._state = "broken"
+            return False
+        try:
+            name = json.loads(f'"{m.group(1)}"')
+            name = _resolve_name(name, self.names)
+        except (ValueError, _NotACall):
+            self._state = "broken"
+            return False
+        if buf[m.end()] != "{":
+            self._state = "broken"
+            return False
+        self._name, self._args_start, self._sent = name, m.end(), 0
+        self._scan, self._current = _BracketScan(m.end()), None
+        self._state = "args"
+        return True
+
+    def _step_args(self, out: list[dict[str, Any]]) -> bool:
+        assert self._scan is not None
+        end = self._scan.end(self._buf)
+        raw = self._buf[self._args_start : end if end is not None else len(self._buf)]
+        if end is None:
+            if self._current is None and not self._may_be_duplicate(self._name, raw):
+                self._current = ToolCall(self._name, "")
+                out.extend(self._announce(self._name, self._current.id))
+            if self._current is not None and len(raw) > self._sent:
+                out.append(self._args_delta(raw[self._sent :]))
+                self._sent = len(raw)
+            return False
+        try:
+            valid = isinstance(json.loads(raw, parse_constant=_reject_constant), dict)
+        except (ValueError, RecursionError):
+            valid = False
+        if not valid:
+            self._state = "broken"
+            return False
+        self._pos = end
+        self._state = "item_end"
+        if self._current is None and self._is_duplicate(self._name, raw):
+            return True  # an exact repeat of an earlier call: never announced, dropped
+        if self._current is None:
+            self._current = ToolCall(self._name, "")
+            out.extend(self._announce(self._name, self._current.id))
+        if len(raw) > self._sent:
+            out.append(self._args_delta(raw[self._sent :]))
+        self.calls.append(ToolCall(self._name, raw, self._current.id))
+        self._current = None
+        return True
+
+
+def parse_forced_calls(
+    text: str, tools: Iterable[Mapping[str, Any] | str] | None, max_calls: int | None = None
+) -> tuple[list[ToolCall], bool]:
+    """(complete calls, whether the list closed) of a whole forced reply; see `ForcedCallReader`."""
+    reader = ForcedCallReader(tools, max_calls)
+    reader.feed(text)
+    reader.finish()
+    return reader.calls, reader.closed

@@ -231,16 +231,35 @@ def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def tool_call_schema(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
-    """JSON schema of the model output forced by `tool_choice` ("required" or a named function)."""
+DEFAULT_MAX_CALLS = 8
+
+
+def tool_call_schema(
+    tools: Sequence[Mapping[str, Any]], tool_choice: Any, max_calls: int = DEFAULT_MAX_CALLS
+) -> dict[str, Any] | None:
+    """JSON schema of the model output forced by `tool_choice` ("required" or a named function).
+
+    The list is always bounded (`maxItems`): a small model asked for "at least one call" may otherwise
+    repeat the same call until `max_tokens` cuts the list open. A named function is one call.
+    """
     name = named_tool_choice(tool_choice)
     if name is not None:
         chosen = [t for t in tools if t["function"]["name"] == name]
         return {"type": "array", "minItems": 1, "maxItems": 1, "items": _call_schema(chosen[0])}
     if tool_choice == "required" and tools:
         items = [_call_schema(t) for t in tools]
-        return {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
+        return {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": max(1, max_calls),
+            "items": items[0] if len(items) == 1 else {"anyOf": items},
+        }
     return None
+
+
+def is_forced(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any) -> bool:
+    """Whether `tool_choice` forces a call list ("required" or a named function) under guided decoding."""
+    return bool(tools) and (tool_choice == "required" or named_tool_choice(tool_choice) is not None)
 
 
 def response_format_schema(response_format: Any) -> dict[str, Any] | None:
@@ -255,15 +274,18 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
 
 
 def guided_decoding_for(
-    tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any, response_format: Any
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: Any,
+    response_format: Any,
+    max_calls: int = DEFAULT_MAX_CALLS,
 ) -> tuple[str, str] | None:
     """TensorRT-LLM `(guided_decoding_guide_type, guided_decoding_guide)` for a request, or None.
 
     Forced tool calls win over `response_format` (the output must be the call). With `tool_choice`
     "auto" plus a JSON response_format the schema applies; a single `{"name", "arguments"}` object
-    is still recognised as a call by the parser.
+    is still recognised as a call by the parser. `max_calls` bounds a forced "required" list.
     """
-    schema = tool_call_schema(tools, tool_choice) if tools and tool_choice != "none" else None
+    schema = tool_call_schema(tools, tool_choice, max_calls) if tools and tool_choice != "none" else None
     if schema is None:
         schema = response_format_schema(response_format)
     if schema is None:

@@ -89,7 +89,7 @@ async def test_non_streaming() -> None:
     assert body["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "Hello, world"},
+            "message": {"role": "assistant", "content": "Hello, world", "refusal": None},
             "logprobs": None,
             "finish_reason": "stop",
         }

@@ -99,3 +99,47 @@ async def test_tool_results_rendered() -> None:
         response = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
     assert response.status_code == 200, response.text
     assert "```tool_output\nsunny\n```" in engine.calls[0][0]
+
+
+async def test_forced_list_cut_off_by_max_tokens_stays_tool_calls() -> None:
+    paris = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    text = f"[{paris}, {paris}, {paris}, " + '{"name": "get_weather", "arguments": {"city": "Ro'
+    engine = Engine(text=text)
+    body = {"model": MODEL, "messages": USER, "tools": [TOOL], "tool_choice": "required", "max_tokens": 2}
+    async with client(engine, max_tool_calls=3) as c:
+        plain = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        streamed = sse((await c.post("/v1/chat/completions", json={**body, "stream": True})).text)
+    assert plain["finish_reason"] == "length"
+    assert plain["message"]["content"] is None and plain["message"]["refusal"] is None
+    (call,) = plain["message"]["tool_calls"]  # the duplicates are dropped, the cut-off call too
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert json.loads(engine.calls[0][1]["guided_decoding_guide"])["maxItems"] == 3  # GATEWAY_MAX_TOOL_CALLS
+    deltas = [ch["choices"][0] for ch in streamed if ch["choices"]]
+    assert not any(d["delta"].get("content") for d in deltas)
+    arguments = [tc["function"]["arguments"] for d in deltas for tc in d["delta"].get("tool_calls", [])]
+    assert (
+        "".join(arguments) == '{"city": "Paris"}{"city": "Ro'
+    )  # streamed as generated; the cut-off call shows
+    assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["length"]
+
+
+async def test_parallel_tool_calls_false_under_auto_keeps_the_first_call() -> None:
+    two = (
+        '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {}}]'
+    )
+    engine = Engine(text=two)
+    body = {"model": MODEL, "messages": USER, "tools": [TOOL], "parallel_tool_calls": False}
+    async with client(engine) as c:
+        plain = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        streamed = sse((await c.post("/v1/chat/completions", json={**body, "stream": True})).text)
+        both = (await c.post("/v1/chat/completions", json={**body, "parallel_tool_calls": True})).json()
+    assert [tc["function"]["arguments"] for tc in plain["message"]["tool_calls"]] == ['{"city": "Paris"}']
+    ids = {
+        tc.get("id")
+        for ch in streamed
+        if ch["choices"]
+        for tc in ch["choices"][0]["delta"].get("tool_calls", [])
+    }
+    assert len(ids - {None}) == 1
+    assert len(both["choices"][0]["message"]["tool_calls"]) == 2
+    assert "guided_decoding_guide" not in engine.calls[0][1]

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma3_core.tool_parser import StreamingToolParser, ToolCall, parse_tool_calls
+from gemma3_core.tool_parser import (
+    ForcedCallReader,
+    StreamingToolParser,
+    ToolCall,
+    parse_forced_calls,
+    parse_tool_calls,
+)
 from gemma3_core.tool_prompt import render_tool_calls
 
 TOOLS = [
@@ -410,3 +416,92 @@ def test_parser_never_raises(text: str) -> None:
     parsed = parse_tool_calls(text, TOOLS)
     if not parsed.calls:
         assert parsed.content == (text or None)
+
+
+# --- forced call lists (ForcedCallReader) ---------------------------------------------------------
+def _forced_stream(
+    text: str, cuts: list[int], max_calls: int | None = None
+) -> tuple[list[dict[str, Any]], ForcedCallReader]:
+    reader = ForcedCallReader(TOOLS, max_calls)
+    deltas: list[dict[str, Any]] = []
+    prev = 0
+    for cut in [*sorted(set(cuts)), len(text)]:
+        deltas += reader.feed(text[prev:cut])
+        prev = cut
+    deltas += reader.finish()
+    assert not any("content" in d for d in deltas)  # a forced reply never becomes text
+    return deltas, reader
+
+
+def _forced_list(calls: list[tuple[str, dict[str, Any]]], sep: str = ", ", colon: str = ": ") -> str:
+    items = [
+        "{" + f'"name"{colon}{json.dumps(n)}{sep}"arguments"{colon}{json.dumps(a, ensure_ascii=False)}' + "}"
+        for n, a in calls
+    ]
+    return "[" + sep.join(items) + "]"
+
+
+def test_forced_arguments_stream_incrementally() -> None:
+    text = _forced_list([("get_weather", {"city": "Paris", "unit": "celsius"})])
+    deltas, reader = _forced_stream(text, list(range(1, len(text))))
+    pieces = [tc["function"]["arguments"] for d in deltas for tc in d["tool_calls"] if "id" not in tc]
+    assert len(pieces) > 5  # many argument deltas, not one at the end
+    assert "".join(pieces) == reader.calls[0].arguments_json == '{"city": "Paris", "unit": "celsius"}'
+    assert reader.closed
+
+
+def test_forced_cut_off_list_keeps_complete_calls_and_drops_duplicates() -> None:
+    paris, rome = ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})
+    full = _forced_list([paris, paris, rome, ("get_weather", {"city": "Tokyo"})])
+    text = full[: full.rindex("Tokyo") + 2]  # cut inside the last call's arguments
+    calls, closed = parse_forced_calls(text, TOOLS)
+    assert _calls(calls) == [paris, rome] and not closed
+    deltas, reader = _forced_stream(text, list(range(0, len(text), 3)))
+    assembled = _assemble(deltas)
+    # Streamed: the same complete calls; the cut-off last call was announced with partial arguments.
+    assert [(c["name"], c["arguments"]) for c in assembled[:2]] == [(c.name, c.arguments_json) for c in calls]
+    assert len(assembled) == 3 and assembled[2]["arguments"] == '{"city": "To'
+    # A duplicate is never announced (held back while it may still become one).
+    deltas, reader = _forced_stream(_forced_list([paris, paris]), [7, 40, 41])
+    assert len(_assemble(deltas)) == 1 and reader.closed
+
+
+def test_forced_call_cap() -> None:
+    text = _forced_list([("get_time", {"tz": str(i)}) for i in range(5)])
+    calls, closed = parse_forced_calls(text, TOOLS, max_calls=2)
+    assert [json.loads(c.arguments_json)["tz"] for c in calls] == ["0", "1"] and closed
+
+
+def test_forced_fallback_for_unexpected_shapes() -> None:
+    # Not the grammar's shape (no guide applied): the tolerant parser still finds the call, never content.
+    calls, _ = parse_forced_calls('```json\n{"name": "get_time", "parameters": {}}\n```', TOOLS)
+    assert _calls(calls) == [("get_time", {})]
+    deltas, reader = _forced_stream("no call at all", [3])
+    assert deltas == [] and reader.calls == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    calls=st.lists(st.tuples(st.sampled_from(["get_weather", "get_time"]), ARGS), min_size=1, max_size=4),
+    spaced=st.booleans(),
+    cut=st.integers(min_value=0, max_value=2000),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+)
+def test_forced_streaming_matches_one_shot(
+    calls: list[tuple[str, dict[str, Any]]], spaced: bool, cut: int, cuts: list[int]
+) -> None:
+    full = _forced_list(calls, sep=",\n  " if spaced else ", ", colon=" : " if spaced else ": ")
+    text = full[: min(cut, len(full))] if cut < len(full) else full
+    one_shot, closed = parse_forced_calls(text, TOOLS)
+    deltas, reader = _forced_stream(text, [c for c in cuts if c <= len(text)])
+    assembled = _assemble(deltas)
+    complete = [(c["name"], c["arguments"]) for c in assembled[: len(one_shot)]]
+    # Joined argument deltas equal the one-shot arguments byte for byte; ids match the reader's calls.
+    assert complete == [(c.name, c.arguments_json) for c in one_shot]
+    assert [c["id"] for c in assembled[: len(one_shot)]] == [c.id for c in reader.calls]
+    assert len(assembled) - len(one_shot) in (0, 1)  # at most one cut-off call, announced while streaming
+    assert closed == reader.closed == (text == full)
+    # Exact duplicates are dropped, order kept.
+    expected = list(dict.fromkeys((n, json.dumps(a, ensure_ascii=False)) for n, a in calls))
+    if closed:
+        assert [(c.name, c.arguments_json) for c in one_shot] == expected
