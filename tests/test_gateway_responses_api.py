@@ -1,6 +1,7 @@
 """`POST /v1/responses` against a scripted engine (tests/fixtures/backends.py), through the
 official openai SDK's `client.responses`: plain, streamed (the documented event sequence) and a
-function-call round trip; every answer and event is checked against OpenAI's openapi.yaml where the shared copy exists."""
+function-call round trip; every answer and event is checked against OpenAI's openapi.yaml where the
+shared copy exists."""
 
 from __future__ import annotations
 
