@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,10 @@ class CompletionRequest(GenerationRequest):
     """A validated legacy completion request: one or more prompts, each a string or token ids."""
 
     prompts: list[str | list[int]] = field(default_factory=list)
+
+
+def _as_fp32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
 def _opt_float(body: dict[str, Any], key: str) -> float | None:
@@ -371,6 +376,11 @@ def _generation_fields(
             "logit_bias is not supported by this deployment", "logit_bias", "unsupported_parameter"
         )
 
+    repetition_penalty = _opt_float(body, "repetition_penalty")
+    # The engine takes FP32: a positive double that rounds to 0 there would be refused by the engine.
+    if repetition_penalty is not None and _as_fp32(repetition_penalty) <= 0:
+        raise bad_request("repetition_penalty must be greater than 0", "repetition_penalty", "invalid_value")
+
     # max_completion_tokens supersedes the deprecated max_tokens when both are sent.
     max_tokens_param = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -390,7 +400,7 @@ def _generation_fields(
         "seed": _opt_int(body, "seed"),
         "presence_penalty": _opt_float(body, "presence_penalty"),
         "frequency_penalty": _opt_float(body, "frequency_penalty"),
-        "repetition_penalty": _opt_float(body, "repetition_penalty"),
+        "repetition_penalty": repetition_penalty,
         "stop": stops,
     }
 

@@ -205,6 +205,13 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("presence-penalty-high", body(presence_penalty=2.5), 400, "presence_penalty", None),
     ("frequency-penalty-low", body(frequency_penalty=-2.5), 400, "frequency_penalty", None),
     ("repetition-penalty-zero", body(repetition_penalty=0), 400, "repetition_penalty", None),
+    (
+        "repetition-penalty-zero-in-fp32",
+        body(repetition_penalty=5e-324),
+        400,
+        "repetition_penalty",
+        "invalid_value",
+    ),
     ("top-k-below-minus-one", body(top_k=-2), 400, "top_k", None),
     ("top-k-huge", body(top_k=10**30), 400, "top_k", None),
     ("max-tokens-huge", body(max_tokens=10**30), 400, "max_tokens", None),
