@@ -19,8 +19,8 @@ _.q_norm
 _.k_norm
 _.embed_tokens
 
-# trtllm-build --model_cls_file build_engine/gpu/rope.py --model_cls_name loads this class by name.
-_.Gemma3GlobalRopeScalingForCausalLM
+# trtllm-build --model_cls_file build_engine/gpu/gemma3_fixes.py --model_cls_name loads this class by name.
+_.Gemma3FidelityFixesForCausalLM
 
 # transformers reads these from the model, its config, generation config and tokenizer.
 _.hf_quantizer
@@ -41,3 +41,29 @@ _.do_GET
 _.log_message
 _.daemon_threads
 _.should_exit
+
+# pytest calls these hooks by name on a registered plugin object and on a plugin module.
+_.pytest_runtest_makereport
+_.pytest_collectreport
+_.pytest_sessionfinish
+_.pytest_terminal_summary
+_.pytest_configure
+
+# llama.cpp reads these fields of the ctypes context-parameters struct we fill in.
+_.n_ctx
+_.n_ubatch
+_.n_seq_max
+_.n_threads
+_.n_threads_batch
+
+# dataclasses.asdict writes these report fields into the stage's JSON report.
+_.hidden_activation
+_.torch_dtype
+_.first_max_abs
+_.engine_text_tokens
+
+# build_engine/vision_export.py reads tensorrt.LayerType members by name (FP32_LAYER_TYPES); the test's fake
+# tensorrt module defines them.
+_.NORMALIZATION
+_.SOFTMAX
+_.REDUCE

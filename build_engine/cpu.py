@@ -103,7 +103,8 @@ def _convert(gguf: Path) -> Callable[[Path], None]:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         # The weights are dequantized: drop the GGUF quantizer so the checkpoint saves as plain safetensors.
-        model.hf_quantizer = None
+        # torch types Module.__setattr__ for tensors and submodules only; transformers keeps plain attributes.
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.generation_config.eos_token_id = list(C.DEFAULT_STOP_IDS)

@@ -268,7 +268,7 @@ def build_engine(spec: EngineSpec, *, trt: Any = None) -> Path:
     """Build and write the serialized engine; returns its path. `trt`: the tensorrt module (tests inject)."""
     if trt is None:
         require("tensorrt", purpose="the vision engine build")
-        import tensorrt as trt
+        trt = importlib.import_module("tensorrt")
     lo, opt, hi = spec.shapes()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from cpu_engine.kv_batch import PaddedKV
 from cpu_engine.sampling import Sampling, apply_penalties, ban_bad_words, sample_top_k_top_p
@@ -96,7 +97,7 @@ class _Prefill:
 class ReferenceEngine:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         *,
         vocab_size: int,
         max_active: int = 8,
@@ -109,6 +110,8 @@ class ReferenceEngine:
         self.lora_hooks = lora_hooks
         self.prefill_chunk = prefill_chunk
         embed = model.get_input_embeddings()
+        if not isinstance(embed, torch.nn.Embedding):
+            raise TypeError(f"expected an embedding table, the model has {type(embed).__name__}")
         self._embed_weight = embed.weight
         # Gemma3TextScaledWordEmbedding keeps sqrt(hidden) as a tensor in the weight dtype; reuse it so
         # table rows are scaled exactly like text embeddings.

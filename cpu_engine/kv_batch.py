@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 
 @dataclass
@@ -51,8 +52,9 @@ class PaddedKV:
         """Take the cache a forward appended to (and the mask it ran with) as this batch's new state."""
         new = mask.shape[1] - self.columns
         self._cache = cache
-        self.keys = [layer.keys for layer in cache.layers]
-        self.values = [layer.values for layer in cache.layers]
+        kv = [_filled(layer) for layer in cache.layers]
+        self.keys = [k for k, _ in kv]
+        self.values = [v for _, v in kv]
         self.mask = mask
         pad = (mask == 0)[:, None, :, None]
         # Padding columns of this forward (a prefill group) hold whatever the model computed there: make
@@ -94,3 +96,10 @@ def _left_pad(kv: PaddedKV, width: int) -> PaddedKV:
 
     mask = torch.nn.functional.pad(kv.mask, (extra, 0))
     return PaddedKV([pad(k) for k in kv.keys], [pad(v) for v in kv.values], mask)
+
+
+def _filled(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A key/value layer's tensors after a forward wrote to it (Gemma 3 has no other kind of layer)."""
+    if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+        raise TypeError(f"expected a filled key/value cache layer, got {type(layer).__name__}")
+    return layer.keys, layer.values

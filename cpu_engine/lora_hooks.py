@@ -79,7 +79,7 @@ class LoraHooks:
             m = _TARGET_RE.match(path)
             if m is None or m["name"] not in HF_TO_TRTLLM or "vision" in m["prefix"]:
                 continue
-            self._targets[(m["name"], int(m["layer"]))] = mod  # type: ignore[assignment]
+            self._targets[(m["name"], int(m["layer"]))] = mod
         if not self._targets:
             raise LoraError("no Gemma decoder projections found in the model")
         self.dims: dict[str, tuple[int, int]] = {
@@ -165,14 +165,6 @@ class LoraHooks:
     def __contains__(self, task_id: object) -> bool:
         with self._lock:
             return task_id in self._cache
-
-    def evict(self, task_id: int | None = None) -> None:
-        """Drop one task (or all): the next request without weights gets the cache-miss error."""
-        with self._lock:
-            if task_id is None:
-                self._cache.clear()
-            else:
-                self._cache.pop(int(task_id), None)
 
     @contextlib.contextmanager
     def apply(self, lora: DecodedLora | None) -> Iterator[None]:

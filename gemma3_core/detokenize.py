@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterable
+from typing import SupportsInt
 
 from tokenizers import Tokenizer
 
@@ -32,7 +34,7 @@ class ByteDetokenizer:
     def __len__(self) -> int:
         return len(self._table)
 
-    def token_bytes(self, ids) -> bytes:
+    def token_bytes(self, ids: Iterable[SupportsInt]) -> bytes:
         table, n = self._table, len(self._table)
         # Ids past the tokenizer (embedding padding rows of the 27B) decode to nothing, never raise.
         return b"".join([table[i] if 0 <= i < n else b"" for i in map(int, ids)])

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gemma3_core.constants import TextArch
 
@@ -151,7 +152,7 @@ _ST_DTYPES: dict[str, str] = {
 }
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
     """Read a .safetensors file with numpy only (the gateway image has no torch); BF16 → float32.
 
     Format: u64-LE header size, JSON header {name: {dtype, shape, data_offsets}}, raw little-endian data.
@@ -162,7 +163,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             raise LoraError(f"{path}: not a safetensors file")
         header = json.loads(f.read(header_len))
         data = f.read()
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, npt.NDArray[Any]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -182,8 +183,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 class LoraMatrices:
     """One adapted projection of one layer: delta(x) = scale * (x @ a.T) @ b.T."""
 
-    a: np.ndarray  # [r, in_dim] float32 (PEFT lora_A.weight)
-    b: np.ndarray  # [out_dim, r] float32 (PEFT lora_B.weight, unscaled)
+    a: npt.NDArray[np.float32]  # [r, in_dim] (PEFT lora_A.weight)
+    b: npt.NDArray[np.float32]  # [out_dim, r] (PEFT lora_B.weight, unscaled)
     scale: float
 
     @property
@@ -271,12 +272,14 @@ def _check_config(cfg: Mapping[str, Any], where: str) -> None:
         raise LoraError(f"{where}: adapter_config.json has no rank `r`")
 
 
-def _parse_weights(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str) -> PeftAdapter:
+def _parse_weights(
+    cfg: Mapping[str, Any], tensors: Mapping[str, npt.NDArray[Any]], where: str
+) -> PeftAdapter:
     alpha = float(cfg.get("lora_alpha", cfg["r"]))
     rslora = bool(cfg.get("use_rslora", False))
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    pairs: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    pairs: dict[tuple[str, int], dict[str, npt.NDArray[Any]]] = {}
     paths: dict[tuple[str, int], str] = {}
     for key, arr in tensors.items():
         if "lora_magnitude_vector" in key:
@@ -361,12 +364,12 @@ def _in_region(name: str, rank: int, in_dim: int, dense_in_width: int | None) ->
 
 def to_trtllm_tensors(
     adapter: PeftAdapter, dtype: Any = np.float16, *, dense_in_width: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.int32]]:
     """→ (`lora_weights` [rows, max_len] of `dtype`, `lora_config` int32 [rows, 3]); no batch dim.
 
     Rows are ordered by (layer, module id); the PEFT scaling is folded into `out` in float32 before the cast.
     """
-    rows: list[np.ndarray] = []
+    rows: list[npt.NDArray[np.float32]] = []
     cfg_rows: list[tuple[int, int, int]] = []
     for (name, layer), w in sorted(
         adapter.weights.items(), key=lambda kv: (kv[0][1], HF_MODULE_IDS[kv[0][0]])
@@ -388,14 +391,16 @@ def to_trtllm_tensors(
     return cast, np.asarray(cfg_rows, dtype=np.int32).reshape(-1, CONFIG_ROW_SIZE)
 
 
-def with_batch_dim(weights: np.ndarray, config: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def with_batch_dim(
+    weights: npt.NDArray[Any], config: npt.NDArray[Any]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """[rows, len] / [rows, 3] → the per-request [1, rows, len] / [1, rows, 3] TensorRT-LLM expects."""
     return (weights[None] if weights.ndim == 2 else weights), (config[None] if config.ndim == 2 else config)
 
 
 def from_trtllm_tensors(
-    weights: np.ndarray,
-    config: np.ndarray,
+    weights: npt.NDArray[Any],
+    config: npt.NDArray[Any],
     dims: Mapping[str, tuple[int, int]],
     *,
     dense_in_width: int | None = None,
@@ -447,7 +452,7 @@ def _hf_names(modules: Iterable[str]) -> set[str]:
 
 
 def save_npy_pair(
-    out_dir: str | os.PathLike[str], weights: np.ndarray, config: np.ndarray
+    out_dir: str | os.PathLike[str], weights: npt.NDArray[Any], config: npt.NDArray[Any]
 ) -> tuple[Path, Path]:
     """Write `model.lora_weights.npy` / `model.lora_config.npy` atomically (names the Triton tools use)."""
     d = Path(out_dir)

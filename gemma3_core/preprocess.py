@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from gemma3_core import constants as C
@@ -22,15 +23,14 @@ class PrepError(ValueError):
 
 @dataclass
 class Prepared:
-    input_ids: np.ndarray  # int32 [n]
+    input_ids: npt.NDArray[np.int32]  # [n]
     output_len: int
-    stop_words: np.ndarray  # int32 [2, k]
-    bad_words: np.ndarray  # int32 [2, k]
+    stop_words: npt.NDArray[np.int32]  # [2, k]
+    bad_words: npt.NDArray[np.int32]  # [2, k]
     end_id: int
     pad_id: int
-    pixel_values: np.ndarray | None = None  # float32 [images(+crops), 3, 896, 896]
-    extra_ids: np.ndarray | None = None  # uint64 [n]: image content hash on image rows, 0 elsewhere
-    num_images: int = 0
+    pixel_values: npt.NDArray[np.float32] | None = None  # [images(+crops), 3, 896, 896]
+    extra_ids: npt.NDArray[np.uint64] | None = None  # [n]: image content hash on image rows, 0 elsewhere
 
 
 def prepare_request(
@@ -99,5 +99,4 @@ def prepare_request(
         pad_id=pad,
         pixel_values=pixel_values,
         extra_ids=extra,
-        num_images=len(images),
     )

@@ -41,8 +41,9 @@ def named_tool_choice(tool_choice: Any) -> str | None:
     """The function name of `{"type": "function", "function": {"name": ...}}`, else None."""
     if isinstance(tool_choice, Mapping):
         fn = tool_choice.get("function")
-        if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
-            return fn["name"]
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if isinstance(name, str):
+            return name
     return None
 
 

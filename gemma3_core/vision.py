@@ -454,7 +454,7 @@ class TorchVisionRunner:
 
 
 class TensorRTVisionRunner:
-    """Executes `vision_encoder.engine` (built by trtexec from our ONNX) with the TensorRT ≥ 10 Python API.
+    """Runs `vision_encoder.engine` (our ONNX, built with the TensorRT Python API) with TensorRT ≥ 10.
 
     Only usable inside NVIDIA's container (tensorrt + CUDA torch); chunks requests by the engine's max
     profile batch. Buffers are torch CUDA tensors, so no pycuda is needed.

@@ -43,7 +43,7 @@ def main() -> int:
     )
     stopping = threading.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(_signum: int, _frame: object) -> None:
         stopping.set()
 
     signal.signal(signal.SIGINT, on_signal)

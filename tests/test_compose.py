@@ -15,7 +15,7 @@ import yaml
 
 from build_engine.gpu.kv_capacity import ENV_VAR as SHARES_VAR
 from build_engine.gpu.kv_capacity import default_shares_env
-from build_engine.gpu.settings import ENV_DEFAULTS, TRITON_IMAGE_TAG, BuildSettings
+from build_engine.gpu.settings import ENV_DEFAULTS, SDK_IMAGE, TRITON_IMAGE_TAG, BuildSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -90,7 +90,7 @@ def test_cpu_and_bench_profiles() -> None:
     assert s["cpu"]["profiles"] == ["cpu"] and not _gpu_reserved(s["cpu"])
     assert (ROOT / s["cpu"]["build"]["dockerfile"]).exists()
     assert s["bench"]["profiles"] == ["bench"]
-    assert s["bench"]["image"] == f"nvcr.io/nvidia/tritonserver:{TRITON_IMAGE_TAG}-py3-sdk"
+    assert s["bench"]["image"] == SDK_IMAGE
 
 
 def test_env_file_drives_token_gpus_ports_and_profile(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from build_engine.render import render, values_for
 pytestmark = pytest.mark.e2e
 
 CYCLE_TEXT = TOKEN_CYCLE_TEXT.encode()
-CYCLE_LEN = len(TOKEN_CYCLE)
 INTERVAL_US = 2000
 PROMPT = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
 

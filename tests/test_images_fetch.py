@@ -298,7 +298,7 @@ async def test_connects_to_vetted_address_with_original_host(server: str) -> Non
     """The name is resolved once by us; httpx gets the IP (a real DNS lookup of the name would fail)."""
     port = server.rsplit(":", 1)[1]
 
-    async def resolver(host: str, port_: int) -> list[str]:
+    async def resolver(host: str, _port: int) -> list[str]:
         assert host == "images.test"
         return ["127.0.0.1"]
 
@@ -443,7 +443,7 @@ async def test_https_sni_and_certificate_checked_against_name(tls_server: tuple[
 
     port, cert = tls_server
 
-    async def resolver(host: str, port_: int) -> list[str]:
+    async def resolver(host: str, _port: int) -> list[str]:
         return ["127.0.0.1"]
 
     client = httpx.AsyncClient(verify=ssl.create_default_context(cafile=cert), trust_env=False)

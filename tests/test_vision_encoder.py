@@ -258,7 +258,7 @@ class FakeTrt:
             self.level = level
 
     class LayerType:
-        NORMALIZATION, SOFTMAX, REDUCE, MATRIX_MULTIPLY = "norm", "softmax", "reduce", "matmul"
+        NORMALIZATION, SOFTMAX, REDUCE = "norm", "softmax", "reduce"
 
     class BuilderFlag:
         BF16, FP16, PREFER_PRECISION_CONSTRAINTS = "bf16", "fp16", "prefer"
@@ -324,7 +324,7 @@ class FakeTrt:
                 fake.calls["cache_in"] = data
                 return Cache(data)
 
-            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> None:
+            def set_timing_cache(self, cache: Cache, _ignore_mismatch: bool) -> None:
                 self.cache = cache
 
             def get_timing_cache(self) -> Cache:

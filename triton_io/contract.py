@@ -51,10 +51,6 @@ class ModelContract:
     def input_names(self) -> frozenset[str]:
         return frozenset(t.name for t in self.inputs)
 
-    @property
-    def output_names(self) -> frozenset[str]:
-        return frozenset(t.name for t in self.outputs)
-
 
 def _t(name: str, dtype: str | tuple[str, ...], *dims: int, optional: bool = False) -> Tensor:
     return Tensor(name, dtype if isinstance(dtype, tuple) else (dtype,), dims, optional)

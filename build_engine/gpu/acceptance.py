@@ -164,7 +164,7 @@ def judge_verify(out: str, rc: int) -> Check:
     rows = re.findall(
         r"^(\S+)\s+(text|long|image|needle)\s+(\d+)\s+(yes|NO)\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M
     )
-    figures = {
+    figures: dict[str, Any] = {
         r[0]: {"prompt": int(r[2]), "top1": r[3], "cosine": r[4], "kl": r[5], "agree": r[6]} for r in rows
     }
     m = re.search(r"→ ([\d.]+) concurrent max-length sequences", out)

@@ -88,7 +88,7 @@ def _verify(args: argparse.Namespace) -> int:
     return verify.run_verify(s, args)
 
 
-def add_gpu_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_gpu_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, text in STAGE_HELP.items():
         p = subparsers.add_parser(name, help=f"[gpu] {text}", description=text)
         _common(p)

@@ -180,7 +180,7 @@ def apply_fidelity_fixes(model: Any) -> None:
 
 if _HAVE_TRTLLM:
 
-    class Gemma3FidelityFixesForCausalLM(GemmaForCausalLM):  # type: ignore[misc, valid-type]
+    class Gemma3FidelityFixesForCausalLM(GemmaForCausalLM):
         """GemmaForCausalLM with HF's Gemma 3 RoPE and q/k-norm epsilon (see module docstring)."""
 
         def __post_init__(self) -> None:

@@ -10,7 +10,6 @@ pointed at the GPU artifacts.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from build_engine import render
 from build_engine.gpu.settings import BuildSettings
@@ -167,7 +166,3 @@ def repository_values(s: BuildSettings, *, used: Iterable[str] | None = None) ->
     values = {k: v for k, v in shared_values(s).items() if k in used}
     values.update(tensorrt_llm_values(s))
     return values
-
-
-def render_repository(s: BuildSettings, *, dry_run: bool = False) -> list[Path]:
-    return render.render("gpu", s.repository_dir, repository_values(s), dry_run=dry_run)

@@ -44,8 +44,8 @@ class SafetensorsWriter:
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors code")
         t = tensor.detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        self._data.write(memoryview(raw))
+        if t.numel():
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
         size = t.numel() * t.element_size()
         self._header[name] = {
             "dtype": _DTYPES[t.dtype],
@@ -73,7 +73,7 @@ class SafetensorsWriter:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: TracebackType | None
     ) -> None:
         if exc_type is None:
             self.close()

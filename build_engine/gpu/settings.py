@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gemma3_core import constants as C
@@ -22,9 +22,6 @@ TRTLLM_VERSION = "1.2.1"
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_IMAGE_TAG}-trtllm-python-py3"
 SDK_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_IMAGE_TAG}-py3-sdk"
 MIN_DRIVER = "590.44.01"
-
-# Where the C++ backend's orchestrator worker lives in that image (upstream tensorrt_llm/config.pbtxt).
-EXECUTOR_WORKER_PATH = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
 
 DEFAULT_WORK_DIR = Path("/engines")
 
@@ -133,8 +130,6 @@ class BuildSettings:
     lora_dirs: tuple[Path, ...] = ()
     max_lora_rank: int = 64
     guided_decoding: bool = True
-    # Where the container sees this repository (compose mounts it read-only at /workspace).
-    repo_root: Path = field(default_factory=lambda: Path(__file__).resolve().parents[2])
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
@@ -224,9 +219,13 @@ def settings_from_env(env: dict[str, str] | None = None, **overrides: object) ->
     profile_name = str(overrides.pop("profile", None) or env["ENGINE_PROFILE"])
     if profile_name not in PROFILES:
         raise ValueError(f"unknown engine profile {profile_name!r}; choose one of {sorted(PROFILES)}")
-    lora = overrides.pop("lora_dirs", None)
-    if lora is None:
+    given_lora = overrides.pop("lora_dirs", None)
+    if given_lora is None:
         lora = tuple(Path(p) for p in env["LORA_DIRS"].split(",") if p.strip())
+    elif isinstance(given_lora, (list, tuple)):
+        lora = tuple(Path(p) for p in given_lora)
+    else:
+        raise TypeError(f"lora_dirs must be a sequence of paths, got {given_lora!r}")
     values: dict[str, object] = {
         "work_dir": Path(env.get("ENGINE_WORK_DIR") or DEFAULT_WORK_DIR),
         "model_id": env["MODEL_ID"],
