@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.errors import bad_request
 from gateway.images_fetch import ImageFetcher, ImageFetchError, ImageFetchPolicy, image_refs
@@ -32,7 +33,7 @@ def policy_from_settings(settings: GatewaySettings) -> ImageFetchPolicy:
     )
 
 
-def images_tensor(images: Sequence[bytes]) -> np.ndarray:
+def images_tensor(images: Sequence[bytes]) -> npt.NDArray[np.object_]:
     # An object array: numpy's fixed-width bytes dtype would strip trailing NUL bytes of image files.
     out = np.empty((1, len(images)), dtype=object)
     for i, data in enumerate(images):

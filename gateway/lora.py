@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import numpy as np
@@ -111,7 +111,7 @@ class LoraBackend:
 
     async def generate(
         self, prompt: str, values: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[TritonResponse]:
+    ) -> AsyncGenerator[TritonResponse, None]:
         inputs = await self.lora.request_inputs(self.backend, self.adapter)
         started = False
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from gemma3_core.lora import (
     LoraError,
@@ -59,8 +60,6 @@ class AdapterEntry:
     task_id: int
     path: Path
     rank: int
-    target_modules: tuple[str, ...]
-    base_model_name_or_path: str | None
 
 
 class LoraRegistry:
@@ -95,7 +94,7 @@ class LoraRegistry:
         self.max_rank = max_rank
         self.allowed_modules = _hf_names(allowed_modules) if allowed_modules is not None else None
         self._lock = threading.Lock()
-        self._tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._tensors: dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]] = {}
         self._sent: set[str] = set()
         self._entries: dict[str, AdapterEntry] = {}
         self._scan(strict)
@@ -150,15 +149,11 @@ class LoraRegistry:
         ranks = [int(cfg["r"]), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
         if self.max_rank is not None and max(ranks) > self.max_rank:
             raise LoraError(f"{d}: rank {max(ranks)} exceeds the engine's max_lora_rank {self.max_rank}")
-        tm = cfg.get("target_modules") or []
-        targets = (tm,) if isinstance(tm, str) else tuple(tm)
         return AdapterEntry(
             name=name,
             task_id=explicit_id if explicit_id is not None else stable_task_id(name),
             path=d,
             rank=max(ranks),
-            target_modules=targets,
-            base_model_name_or_path=cfg.get("base_model_name_or_path"),
         )
 
     # lookup -----------------------------------------------------------------------------------------
@@ -201,7 +196,7 @@ class LoraRegistry:
         h.update(f"{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
-    def tensors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def tensors(self, name: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         """(`lora_weights` [1, rows, len] of `dtype`, `lora_config` int32 [1, rows, 3]) for `name`."""
         entry = self.get(name)
         with self._lock:
@@ -213,7 +208,7 @@ class LoraRegistry:
             self._tensors[name] = pair
         return pair
 
-    def _load_or_convert(self, entry: AdapterEntry) -> tuple[np.ndarray, np.ndarray]:
+    def _load_or_convert(self, entry: AdapterEntry) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         cached = None
         if self.cache_dir is not None:
             cached = self.cache_dir / f"{entry.name}-{self._digest(entry)}"
@@ -235,7 +230,7 @@ class LoraRegistry:
         with self._lock:
             return name not in self._sent
 
-    def request_inputs(self, name: str, *, force_weights: bool = False) -> dict[str, np.ndarray]:
+    def request_inputs(self, name: str, *, force_weights: bool = False) -> dict[str, npt.NDArray[Any]]:
         """Triton inputs for one request: `lora_task_id` uint64 [1, 1], plus weights/config on first use."""
         entry = self.get(name)
         inputs = {Ensemble.LORA_TASK_ID: np.array([[entry.task_id]], dtype=np.uint64)}

@@ -26,14 +26,14 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 CHAT_SCHEMA = "chat_request"  # one JSON Schema per endpoint: schemas/<name>.schema.json
 COMPLETION_SCHEMA = "completion_request"
 RESPONSES_SCHEMA = "responses_request"
-SCHEMA_PATH = SCHEMA_DIR / f"{CHAT_SCHEMA}.schema.json"
 _MAX_MESSAGE_CHARS = 300  # jsonschema messages quote the instance; a 1 MB string must not come back
 
 
 @functools.cache
 def load_schema(name: str = CHAT_SCHEMA) -> dict[str, Any]:
     with (SCHEMA_DIR / f"{name}.schema.json").open(encoding="utf-8") as f:
-        return json.load(f)
+        schema: dict[str, Any] = json.load(f)
+        return schema
 
 
 @functools.cache
@@ -65,8 +65,9 @@ def param_path(path: Iterable[str | int]) -> str | None:
 def _where(err: ValidationError) -> list[str | int]:
     """The instance path the error is about; a missing property counts as part of the path."""
     path = list(err.absolute_path)
-    if err.validator == "required" and isinstance(err.instance, dict):
-        missing = next((p for p in err.validator_value if p not in err.instance), None)
+    required = err.validator_value
+    if err.validator == "required" and isinstance(err.instance, dict) and isinstance(required, list):
+        missing = next((p for p in required if p not in err.instance), None)
         if missing is not None:
             path.append(missing)
     return path
@@ -88,9 +89,10 @@ def _expected_types(err: ValidationError) -> list[str]:
     for branch in err.context or []:
         if branch.validator == "type":
             value = branch.validator_value
-            types.extend(value if isinstance(value, list) else [value])
+            types.extend(str(v) for v in (value if isinstance(value, list) else [value]))
         elif branch.validator in ("enum", "const"):
-            values = branch.validator_value if branch.validator == "enum" else [branch.validator_value]
+            value = branch.validator_value
+            values = value if branch.validator == "enum" and isinstance(value, list) else [value]
             types.extend(json.dumps(v) for v in values)
     return list(dict.fromkeys(types))
 

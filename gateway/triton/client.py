@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -52,7 +52,7 @@ class GenerationBackend(Protocol):
 
     def generate(
         self, prompt: str, values: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[TritonResponse]: ...
+    ) -> AsyncGenerator[TritonResponse, None]: ...
 
     async def close(self) -> None: ...
 
@@ -168,7 +168,7 @@ class TritonStreamClient:
 
     async def generate(
         self, prompt: str, values: Mapping[str, Any], request_id: str
-    ) -> AsyncIterator[TritonResponse]:
+    ) -> AsyncGenerator[TritonResponse, None]:
         """Stream one request's responses; the last one yielded has `final=True`.
 
         Use with `contextlib.aclosing`: closing the generator early cancels the Triton request.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult, model_config_pb2
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
@@ -97,7 +98,7 @@ def requested_outputs(wanted: Sequence[str], declared: frozenset[str]) -> list[I
 
 def build_arrays(
     spec: ModelSpec, prompt: str, values: Mapping[str, Any]
-) -> dict[str, tuple[np.ndarray, str]]:
+) -> dict[str, tuple[npt.NDArray[Any], str]]:
     """The request's ensemble-level tensors: name -> (array, wire datatype); undeclared inputs left out."""
     wanted: dict[str, Any] = {
         Ensemble.TEXT_INPUT: prompt,
@@ -112,7 +113,7 @@ def build_arrays(
     if missing:
         raise TritonError(ErrorKind.ENGINE, f"the Triton model lacks required inputs {missing}")
     batch = [1] if spec.max_batch_size > 0 else []
-    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    arrays: dict[str, tuple[npt.NDArray[Any], str]] = {}
     for name, value in wanted.items():
         input_spec = spec.inputs.get(name)
         if input_spec is None:
@@ -138,7 +139,7 @@ def build_arrays(
     return arrays
 
 
-def infer_inputs(arrays: Mapping[str, tuple[np.ndarray, str]]) -> list[InferInput]:
+def infer_inputs(arrays: Mapping[str, tuple[npt.NDArray[Any], str]]) -> list[InferInput]:
     inputs = []
     for name, (data, dtype) in arrays.items():
         tensor = InferInput(name, list(data.shape), dtype)
