@@ -30,8 +30,9 @@ import xgrammar as xgr
 from gemma3_core import constants as C
 from gemma3_core.guided import encoded_vocab
 
-# TensorRT-LLM GuidedDecodingParams.GuideType names, as the Triton backend spells them.
-GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar", "structural_tag")
+# TensorRT-LLM GuidedDecodingParams.GuideType names, as the Triton backend spells them. `structural_tag` is
+# left out: the C++ backend accepts the name and silently ignores it, so neither target offers it.
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
 
 _GRAMMAR_CACHE_SIZE = 64
 
@@ -105,8 +106,6 @@ def _compile(compiler: xgr.GrammarCompiler, guide_type: str, guide: str) -> xgr.
         return compiler.compile_regex(guide)
     if guide_type == "ebnf_grammar":
         return compiler.compile_grammar(guide)
-    if guide_type == "structural_tag":
-        return compiler.compile_structural_tag(guide)
     raise _unknown_type(guide_type)
 
 
@@ -143,8 +142,6 @@ def check_guide(guide_type: str, guide: str) -> None:
             xgr.Grammar.from_regex(guide)
         elif guide_type == "ebnf_grammar":
             xgr.Grammar.from_ebnf(guide)
-        elif guide_type == "structural_tag":
-            xgr.Grammar.from_structural_tag(guide)
         elif guide_type != "json":
             raise _unknown_type(guide_type)
     except ValueError:
