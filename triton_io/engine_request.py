@@ -14,21 +14,11 @@ import numpy as np
 from gemma3_core.words import from_word_list
 from triton_io.contract import Engine
 from triton_io.python_model import optional_scalar, tensor
+from triton_io.sampling import Sampling
 
 
 class EngineRequestError(ValueError):
     """A request the engine refuses; the message goes back to the client."""
-
-
-@dataclass(frozen=True)
-class EngineSampling:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -39,7 +29,7 @@ class EngineRequest:
     min_tokens: int = 0
     streaming: bool = False
     exclude_input: bool = False
-    sampling: EngineSampling = field(default_factory=EngineSampling)
+    sampling: Sampling = field(default_factory=Sampling)
     stop_words: list[list[int]] = field(default_factory=list)
     bad_words: list[list[int]] = field(default_factory=list)
     prompt_table: np.ndarray | None = None  # [rows, hidden], as sent (FP16 or BF16 as the deployment)
@@ -67,7 +57,7 @@ class EngineRequest:
             raise EngineRequestError(f"request_output_len must be at least 1, got {max_new}")
         if ids.size >= max_seq_len:
             raise EngineRequestError(f"prompt has {ids.size} tokens; the context is {max_seq_len} tokens")
-        sampling = EngineSampling(
+        sampling = Sampling(
             temperature=float(optional_scalar(request, Engine.TEMPERATURE, 1.0)),
             top_k=int(optional_scalar(request, Engine.RUNTIME_TOP_K, 0)),
             top_p=float(optional_scalar(request, Engine.RUNTIME_TOP_P, 0.0)),

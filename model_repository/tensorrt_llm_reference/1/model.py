@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -12,7 +11,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cpu_engine.deployment import EngineParameters
-from cpu_engine.engine import GenerationRequest, ReferenceEngine, Sampling, load_model
+from cpu_engine.engine import GenerationRequest, ReferenceEngine, load_model
 from cpu_engine.lora_hooks import LoraHooks
 from triton_io.contract import Engine
 from triton_io.engine_request import EngineRequest
@@ -98,7 +97,7 @@ class TritonPythonModel:
             end_id=parsed.end_id,
             min_tokens=parsed.min_tokens,
             streaming=streaming,
-            sampling=Sampling(**dataclasses.asdict(parsed.sampling)),
+            sampling=parsed.sampling,
             stop_words=parsed.stop_words,
             bad_words=parsed.bad_words,
             prompt_table=prompt_table,
