@@ -25,6 +25,8 @@ from gateway.prepare import ChatContext, prepare
 from gateway.responses import GenerationStreamingResponse, collect
 from gateway.settings import GatewaySettings
 from gateway.triton.client import GenerationBackend
+from gateway.triton.errors import TritonError
+from gateway.validation import DeploymentFeatures
 
 log = logging.getLogger("gateway.chat")
 T = TypeVar("T")
@@ -95,7 +97,20 @@ class ChatService:
         return (await self._encode_len(text)) or 0
 
     async def prepare(self, raw: bytes) -> ChatContext:
-        return await prepare(raw, self.settings, self._encode_len, self.images, self.lora)
+        return await prepare(
+            raw, self.settings, self._encode_len, self.images, self.lora, await self._features()
+        )
+
+    async def _features(self) -> DeploymentFeatures | None:
+        """What the engine can return, from the deployed configs (None while Triton is unreachable:
+        the request then fails for that reason, not for a feature)."""
+        try:
+            spec = await self.backend.model_spec()
+        except TritonError:
+            return None
+        if not spec.engine_outputs:  # the ensemble is streamed as one model: it returns text only
+            return DeploymentFeatures(log_probs=False, top_log_probs=False)
+        return DeploymentFeatures(log_probs=spec.log_probs, top_log_probs=spec.top_log_probs)
 
     def _backend_for(self, ctx: ChatContext) -> GenerationBackend:
         if ctx.adapter is None or self.lora is None:
@@ -121,6 +136,7 @@ class ChatService:
             self.settings.request_timeout_s,
             count,
             on_close=permit.release,
+            tokens_per_block=self.settings.kv_cache_tokens_per_block,
         )
         try:
             # Wait for the first event before answering, so a Triton outage is a real HTTP 503

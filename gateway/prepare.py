@@ -20,7 +20,7 @@ from gateway.prompt import render_prompt
 from gateway.sampling import SamplingParams, resolve_sampling
 from gateway.settings import GatewaySettings
 from gateway.tools import NO_TOOLS, ToolPlan, plan_tools
-from gateway.validation import ChatRequest, parse_chat_request
+from gateway.validation import ChatRequest, DeploymentFeatures, parse_chat_request
 from gemma3_core.chat_template import expand_image_markers
 from triton_io.contract import Ensemble
 
@@ -48,9 +48,10 @@ async def prepare(
     count_prompt: PromptCounter,
     images: ImageService | None = None,
     lora: LoraService | None = None,
+    features: DeploymentFeatures | None = None,
 ) -> ChatContext:
     """Validate, render and size the request; every failure is an `APIError` (4xx)."""
-    request = parse_chat_request(raw, settings, lora.knows if lora else None)
+    request = parse_chat_request(raw, settings, lora.knows if lora else None, features)
     limits.check_request(request, settings)
     adapter = lora.resolve(request.model) if lora else None
     tools = plan_tools(

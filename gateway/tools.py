@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.validation import PATTERN_GUIDES
 from gemma3_core.tool_parser import StreamingToolParser, parse_tool_calls
 from gemma3_core.tool_prompt import guided_decoding_for, tools_active
 from triton_io.contract import Ensemble
@@ -52,13 +53,21 @@ class ToolPlan:
 NO_TOOLS = ToolPlan(parse_tools=None, guided=None)
 
 
+def _pattern_guide(response_format: Any) -> tuple[str, str] | None:
+    """response_format `regex` / `grammar` -> the engine's `regex` / `ebnf_grammar` guide."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in PATTERN_GUIDES:
+        return None
+    return PATTERN_GUIDES[kind], response_format[kind]
+
+
 def plan_tools(
     tools: list[dict[str, Any]] | None,
     tool_choice: Any,
     response_format: Any,
     parallel_tool_calls: bool | None = None,
 ) -> ToolPlan:
-    guided = guided_decoding_for(tools, tool_choice, response_format)
+    guided = guided_decoding_for(tools, tool_choice, response_format) or _pattern_guide(response_format)
     forced = bool(tools) and tool_choice not in (None, "none", "auto")
     if guided is not None and forced and parallel_tool_calls is False:
         # OpenAI's parallel_tool_calls=false: at most one call. The forced guide is the call list's schema.

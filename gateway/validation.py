@@ -19,6 +19,7 @@ from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from gateway.errors import APIError, bad_request
 from gateway.settings import GatewaySettings
+from gemma3_core.constants import SENTENCEPIECE_VOCAB
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "chat_request.schema.json"
 _MAX_MESSAGE_CHARS = 300  # jsonschema messages quote the instance; a 1 MB string must not come back
@@ -160,6 +161,17 @@ class ChatRequest:
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeploymentFeatures:
+    """What the deployed engine can return, from its declared outputs (gateway.triton.tensors.ModelSpec)."""
+
+    log_probs: bool = True
+    top_log_probs: bool = True
 
 
 def _opt_float(body: dict[str, Any], key: str) -> float | None:
@@ -220,6 +232,11 @@ def _check_tools(body: dict[str, Any]) -> None:
         problem = _schema_problem(schema) if schema is not None else None
         if problem is not None:
             raise bad_request(problem, "response_format.json_schema.schema", "invalid_value")
+    kind = response_format.get("type")
+    if kind in PATTERN_GUIDES:
+        problem = _pattern_problem(kind, response_format[kind])
+        if problem is not None:
+            raise bad_request(problem, f"response_format.{kind}", "invalid_value")
 
     # A replayed call carries a JSON object; a tool result must answer a call made earlier.
     seen_ids: set[str] = set()
@@ -235,6 +252,64 @@ def _check_tools(body: dict[str, Any]) -> None:
                 f"messages[{i}].tool_call_id",
                 "invalid_value",
             )
+
+
+# response_format types that constrain the output with a pattern -> TensorRT-LLM's guide type.
+PATTERN_GUIDES: dict[str, str] = {"regex": "regex", "grammar": "ebnf_grammar"}
+
+
+def _pattern_problem(kind: str, pattern: str) -> str | None:
+    """Why xgrammar (the engines' guided-decoding backend) cannot compile `pattern`, or None.
+
+    Without xgrammar in the gateway's environment the pattern is not checked here; the engine then refuses
+    a bad one (a 400 from its error message, gateway/errors.py)."""
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return None
+    try:
+        if kind == "regex":
+            xgr.Grammar.from_regex(pattern)
+        else:
+            xgr.Grammar.from_ebnf(pattern)
+    except Exception as exc:  # xgrammar raises RuntimeError or its own error types
+        return f"invalid {kind}: {str(exc)[:_MAX_MESSAGE_CHARS]}"
+    return None
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """`logit_bias` keys as token ids: decimal integers naming a token of the vocabulary."""
+    bias: dict[int, float] = {}
+    for key, value in (body.get("logit_bias") or {}).items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < SENTENCEPIECE_VOCAB:
+            raise bad_request(
+                f"logit_bias keys must be token ids in [0, {SENTENCEPIECE_VOCAB}); got {key[:40]!r}",
+                "logit_bias",
+                "invalid_value",
+            )
+        bias[token] = float(value)
+    return bias
+
+
+def _check_log_probs(body: dict[str, Any], features: DeploymentFeatures) -> tuple[bool, int]:
+    logprobs = bool(body.get("logprobs"))
+    top = _opt_int(body, "top_logprobs") or 0
+    if top and not logprobs:
+        # As OpenAI: top_logprobs means nothing without logprobs.
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
+    if logprobs and not features.log_probs:
+        raise bad_request(
+            "logprobs are not returned by this deployment's engine", "logprobs", "unsupported_parameter"
+        )
+    if top and not features.top_log_probs:
+        raise bad_request(
+            "top_logprobs > 0 is not supported by this deployment's engine (it returns the sampled "
+            "tokens' log probs only); send top_logprobs 0",
+            "top_logprobs",
+            "unsupported_parameter",
+        )
+    return logprobs, top
 
 
 def _check_arguments(arguments: str | None, param: str) -> None:
@@ -293,9 +368,13 @@ _TEXT_FIELDS = ("model", "messages", "stop", "tools", "tool_choice", "response_f
 
 
 def parse_chat_request(
-    raw: bytes, settings: GatewaySettings, model_known: Callable[[str], bool] | None = None
+    raw: bytes,
+    settings: GatewaySettings,
+    model_known: Callable[[str], bool] | None = None,
+    features: DeploymentFeatures | None = None,
 ) -> ChatRequest:
-    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own."""
+    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own; `features`
+    says what the engine can return (None: not known yet, everything is accepted)."""
     body = parse_json(raw)
     error = schema_error(body)
     if error is not None:
@@ -329,18 +408,8 @@ def parse_chat_request(
         raise bad_request(f"n must be at most {settings.max_n} on this deployment", "n", "invalid_value")
 
     # Features that would change the response's meaning if silently dropped.
-    if body.get("logprobs"):
-        raise bad_request(
-            "logprobs are not supported by this deployment", "logprobs", "unsupported_parameter"
-        )
-    if body.get("top_logprobs"):
-        raise bad_request(
-            "top_logprobs is not supported by this deployment", "top_logprobs", "unsupported_parameter"
-        )
-    if body.get("logit_bias"):
-        raise bad_request(
-            "logit_bias is not supported by this deployment", "logit_bias", "unsupported_parameter"
-        )
+    logprobs, top_logprobs = _check_log_probs(body, features or DeploymentFeatures())
+    logit_bias = _logit_bias(body)
 
     _check_tools(body)
     if not settings.images_enabled:
@@ -373,4 +442,7 @@ def parse_chat_request(
         tool_choice=body.get("tool_choice"),
         response_format=body.get("response_format"),
         parallel_tool_calls=body.get("parallel_tool_calls"),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias=logit_bias,
     )

@@ -25,13 +25,13 @@ from tritonclient.utils import InferenceServerException
 from gateway.triton.errors import ErrorKind, TritonError, rpc_error, server_error
 from gateway.triton.plan import EnginePlan, engine_plan
 from gateway.triton.tensors import (
-    ID_OUTPUTS,
     TEXT_OUTPUTS,
     InputSpec,
     ModelSpec,
     TritonResponse,
     build_arrays,
     build_inputs,
+    engine_outputs_for,
     infer_inputs,
     parse_result,
     requested_outputs,
@@ -134,6 +134,7 @@ class TritonStreamClient:
                     inputs=inputs,
                     max_batch_size=int(config.max_batch_size),
                     outputs=frozenset(o.name for o in config.output),
+                    engine_outputs=self._plan.engine_outputs if self._plan else frozenset(),
                 )
                 log.info("Triton model %s inputs: %s", self.model, ", ".join(sorted(inputs)))
             return self._spec
@@ -183,7 +184,7 @@ class TritonStreamClient:
                 plan.engine.model,
                 await self._run_pre_steps(plan, spec, prompt, values, request_id),
             )
-            outputs = requested_outputs(ID_OUTPUTS, plan.engine_outputs)
+            outputs = requested_outputs(engine_outputs_for(values), plan.engine_outputs)
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
