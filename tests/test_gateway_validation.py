@@ -237,7 +237,13 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("logit-bias-past-vocab", body(logit_bias={"262144": 10}), 400, "logit_bias", "invalid_value"),
     ("logit-bias-too-large", body(logit_bias={"42": 101}), 400, "logit_bias.42", None),
     ("regex-missing", body(response_format={"type": "regex"}), 400, "response_format.regex", None),
-    ("regex-bad", body(response_format={"type": "regex", "regex": "(ab"}), 400, "response_format.regex", None),
+    (
+        "regex-bad",
+        body(response_format={"type": "regex", "regex": "(ab"}),
+        400,
+        "response_format.regex",
+        None,
+    ),
     (
         "grammar-bad",
         body(response_format={"type": "grammar", "grammar": "root ::= undefined_rule"}),
