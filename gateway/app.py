@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
+from gateway import tracing
 from gateway.auth import KeyChecker
 from gateway.chat import ChatService
 from gateway.errors import ERROR_RESPONSES, APIError, install_error_handlers, model_card, model_not_found
@@ -128,6 +129,8 @@ def create_app(
     """The gateway app; `backend` and `tokenizer` replace Triton and GATEWAY_TOKENIZER_DIR in tests."""
     settings = settings or GatewaySettings()
     state = GatewayState(settings, backend, tokenizer)
+    if not tracing.enabled():
+        tracing.configure_from_env()  # off unless OTEL_TRACES_EXPORTER names an exporter
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from gateway import tracing
 from gateway.admission import AdmissionController
 from gateway.generation import Failure, Generation
 from gateway.images import ImageService
@@ -120,6 +121,17 @@ class ChatService:
     async def handle(self, raw: bytes, http_request: Request) -> Response:
         """Answer one chat completion whose body (`raw`) was already read; `http_request` is watched for a
         disconnect while waiting."""
+        with tracing.request_span(http_request.headers) as root:
+            streaming = False
+            try:
+                response = await self._handle(raw, http_request, root)
+                streaming = isinstance(response, GenerationStreamingResponse)
+                return response
+            finally:
+                if not streaming:  # a stream ends its request span when it closes
+                    tracing.end(root)
+
+    async def _handle(self, raw: bytes, http_request: Request, root: Any) -> Response:
         ctx = await self.prepare(raw)
         ctx.request_id = current_request_id()
         if self.settings.log_prompts:  # debug only: prompts carry user data
@@ -129,13 +141,20 @@ class ChatService:
         except ClientDisconnected:
             return Response(status_code=499)
         count = self._count_tokens if self._tokenizer_loader is not None else None
+        response_span = tracing.start_span("response")
+
+        def on_close() -> None:
+            permit.release()
+            tracing.end(response_span)
+            tracing.end(root)  # idempotent: a non-streamed answer ended it already
+
         generation = Generation(
             self._backend_for(ctx),
             ctx,
             self.metrics,
             self.settings.request_timeout_s,
             count,
-            on_close=permit.release,
+            on_close=on_close,
             tokens_per_block=self.settings.kv_cache_tokens_per_block,
         )
         try:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import tracing
 from gateway.errors import SERVER_ERROR, TIMEOUT, APIError, triton_api_error
 from gateway.metrics import GatewayMetrics
 from gateway.prepare import ChatContext
@@ -192,12 +193,20 @@ class Generation:
             self._emit(choice, text, entries)
 
     async def _run(self, choice: Choice) -> None:
+        with tracing.span("triton.engine_stream", choice=choice.index) as span:
+            await self._stream(choice, span)
+
+    async def _stream(self, choice: Choice, span: Any) -> None:
         values = {**self.ctx.sampling.triton_inputs(choice.index), **self.ctx.extra_inputs}
         request_id = f"{self.ctx.request_id or self.ctx.id}-{choice.index}"
+        first = span is not None
         try:
             stream = self.backend.generate(self.ctx.prompt, values, request_id)
             async with contextlib.aclosing(stream):
                 async for response in stream:
+                    if first and response.text:
+                        first = False
+                        tracing.event(span, "first_token")
                     if response.num_input_tokens is not None and self.prompt_tokens is None:
                         self.prompt_tokens = response.num_input_tokens
                     if response.num_output_tokens is not None:

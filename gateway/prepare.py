@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import limits
+from gateway import limits, tracing
 from gateway.images import ImageService, images_tensor
 from gateway.lora import LoraService
 from gateway.prompt import render_prompt
@@ -51,13 +51,15 @@ async def prepare(
     features: DeploymentFeatures | None = None,
 ) -> ChatContext:
     """Validate, render and size the request; every failure is an `APIError` (4xx)."""
-    request = parse_chat_request(raw, settings, lora.knows if lora else None, features)
+    with tracing.span("validate"):
+        request = parse_chat_request(raw, settings, lora.knows if lora else None, features)
     limits.check_request(request, settings)
     adapter = lora.resolve(request.model) if lora else None
     tools = plan_tools(
         request.tools, request.tool_choice, request.response_format, request.parallel_tool_calls
     )
-    prompt = render_prompt(request.messages, request.tools, request.tool_choice)
+    with tracing.span("render_prompt"):
+        prompt = render_prompt(request.messages, request.tools, request.tool_choice)
     # Rendered first so a malformed conversation costs no fetch; all images are fetched concurrently.
     fetched = await images.fetch(request.messages) if images is not None else []
     # Count what the engine will see: each marker expands to the full image sequence (256 soft tokens).

@@ -22,6 +22,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from gateway import tracing
 from gateway.triton.errors import ErrorKind, TritonError, rpc_error, server_error
 from gateway.triton.plan import EnginePlan, engine_plan
 from gateway.triton.tensors import (
@@ -198,7 +199,9 @@ class TritonStreamClient:
             # Keep our side of the stream open: a half-closed stream could end before the last response.
             await finished.wait()
 
-        stream = self._client.stream_infer(requests(), stream_timeout=self.request_timeout_s)
+        stream = self._client.stream_infer(
+            requests(), stream_timeout=self.request_timeout_s, headers=tracing.grpc_headers()
+        )
         complete = False  # Triton sent the final response: nothing left to cancel
         try:
             async for result, error in stream:
@@ -231,12 +234,14 @@ class TritonStreamClient:
         for step in plan.pre:
             given = {name: tensors[t] for name, t in step.inputs.items() if t in tensors}
             try:
-                result = await self._client.infer(
-                    step.model,
-                    infer_inputs(given),
-                    request_id=request_id,
-                    client_timeout=self.request_timeout_s,
-                )
+                with tracing.span("triton.preprocessing", model=step.model):
+                    result = await self._client.infer(
+                        step.model,
+                        infer_inputs(given),
+                        request_id=request_id,
+                        client_timeout=self.request_timeout_s,
+                        headers=tracing.grpc_headers(),
+                    )
             except InferenceServerException as exc:
                 raise server_error(exc, self.url) from None
             except grpc.aio.AioRpcError as exc:
