@@ -12,8 +12,10 @@ import pytest
 from gateway.errors import APIError
 from gateway.generation import MIN_LOG_PROB, ChoiceLogProbs
 from gateway.settings import GatewaySettings
-from gateway.triton.tensors import ModelSpec, TokenLogProb, engine_outputs_for
+from gateway.triton.tensors import ModelSpec, TokenLogProb, TritonResponse, engine_outputs_for
 from gateway.validation import DeploymentFeatures, parse_chat_request
+from tests.fixtures.asgi import gateway_client
+from tests.fixtures.backends import MODEL, Scripted
 from tests.fixtures.repository import render_target
 from triton_io.contract import Engine, Ensemble
 from triton_io.embedding_bias import EmbeddingBiasError, dense_embedding_bias
@@ -92,3 +94,31 @@ def test_dense_embedding_bias() -> None:
         dense_embedding_bias(np.array([5]), np.array([1.0]), 5)
     with pytest.raises(EmbeddingBiasError):
         dense_embedding_bias(np.array([1, 2]), np.array([1.0]), 5)
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_rendered_ensemble_feeds_the_engine(target: str, tmp_path: Path) -> None:
+    """Both targets: logit bias via preprocessing, log probs and perf metrics asked of the engine."""
+    (ensemble,) = [m for m in render_target(target, tmp_path) if m.name == "ensemble"]
+    steps = {s.model_name: s for s in ensemble.config.ensemble_scheduling.step}
+    engine, pre = steps["tensorrt_llm"], steps["preprocessing"]
+    assert engine.input_map[Engine.EMBEDDING_BIAS] == pre.output_map["EMBEDDING_BIAS"]
+    assert engine.input_map[Engine.RETURN_LOG_PROBS] == Ensemble.RETURN_LOG_PROBS
+    assert engine.input_map[Engine.RETURN_PERF_METRICS] == Ensemble.RETURN_PERF_METRICS
+    assert pre.input_map["EMBEDDING_BIAS_IDS"] == Ensemble.EMBEDDING_BIAS_IDS
+
+
+@pytest.mark.parametrize(("blocks", "cached"), [(0, 0), (1, 32), (3, 40)])
+async def test_cached_tokens_are_reused_blocks_times_block_size(blocks: int, cached: int) -> None:
+    reply = [
+        TritonResponse(b"hi", 40, 1, False, reused_blocks=blocks),
+        TritonResponse(b"", 40, 0, True),
+    ]
+    client, _ = gateway_client(Scripted(lambda index, values: reply), kv_cache_tokens_per_block=32)
+    async with client:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 4}
+        )
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] == 40
+    assert usage["prompt_tokens_details"] == {"cached_tokens": cached}  # at most the prompt
