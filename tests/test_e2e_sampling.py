@@ -4,12 +4,16 @@ cached-token usage and regex/grammar output."""
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
-from tests.fixtures.gateway import GatewayTarget
+from stack.triton_launcher import free_port
+from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
 from tests.fixtures.remote import local_only
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -144,3 +148,31 @@ def test_bad_patterns_are_400(sdk: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as err:
             sdk.chat.completions.create(model=_model(sdk), messages=ASK, response_format=fmt, **GREEDY)  # type: ignore[arg-type]
         assert err.value.body["param"] == param
+
+
+def test_tracing_from_otel_variables(gateway: GatewayTarget, tmp_path: Path) -> None:
+    """A gateway started with OTEL_TRACES_EXPORTER=console traces a request under the caller's traceparent."""
+    triton = local_only(gateway, "starts its own gateway process in front of the local Triton")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    log = tmp_path / "gateway.log"
+    env = gateway_env(triton, free_port(), OTEL_TRACES_EXPORTER="console", OTEL_BSP_SCHEDULE_DELAY="100")
+    with run_gateway(env, log) as url, httpx.Client(base_url=url, timeout=300) as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": gateway.model, "messages": ASK, "max_tokens": 3, "stream": True},
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        assert response.status_code == 200 and "[DONE]" in response.text
+        deadline = time.monotonic() + 30
+        while '"name": "chat.completion"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    text = log.read_text()
+    for name in (
+        "chat.completion",
+        "validate",
+        "render_prompt",
+        "triton.preprocessing",
+        "triton.engine_stream",
+    ):
+        assert f'"name": "{name}"' in text, name
+    assert f"0x{trace_id}" in text and '"name": "first_token"' in text
