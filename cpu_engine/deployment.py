@@ -28,7 +28,7 @@ GPU_ONLY_PARAMETERS: dict[str, str] = {
     "kv_cache_onboard_blocks": "GPU/host KV block offloading",
     "enable_kv_cache_reuse": "prefix reuse of paged KV blocks; the CPU engine recomputes every prompt",
     "enable_chunked_context": "the reference engine always chunks long prompts (prefill_chunk_tokens)",
-    "normalize_log_probs": "log probs are not returned by the reference engine",
+    "normalize_log_probs": "the reference engine always returns normalized log probs (a log-softmax)",
     "decoding_mode": "the reference engine's sampler is always top-k/top-p (greedy when both are unset)",
     "multi_block_mode": "a CUDA attention kernel option",
     "enable_context_fmha_fp32_acc": "a CUDA attention kernel option",

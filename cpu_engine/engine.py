@@ -7,7 +7,10 @@ and out) so it can be tested directly. Semantics follow TensorRT-LLM where the c
   table rows included, are then multiplied by sqrt(hidden) as TensorRT-LLM's Gemma does;
 - generation stops on `end_id` (not emitted), on a stop word (emitted), or after `request_output_len`;
 - `top_k` 0 and `top_p` 0 (or unset) mean greedy, as in TensorRT-LLM's sampling layers;
-- streaming responses carry only the new tokens; `num_output_tokens` counts the tokens in that response.
+- streaming responses carry only the new tokens; `num_output_tokens` counts the tokens in that response;
+- `embedding_bias` is added to the logits first; with `return_log_probs` each token comes with its log
+  probability under the distribution it was sampled from (bias, bans, grammar mask, penalties and
+  temperature applied; before top-k/top-p truncation), plus the TOP_LOG_PROBS_K most likely tokens.
 
 Requests are served in flight, like TensorRT-LLM's inflight batching: every step runs ONE decode forward
 over all running requests (rows of a right-aligned padded KV batch, `kv_batch.PaddedKV`, each with its own
@@ -51,8 +54,23 @@ class EngineRequestError(ValueError):
     """A request the engine refuses; the message goes back to the client."""
 
 
-# sink(new_ids, final, error): called from the engine thread.
-Sink = Callable[[list[int], bool, str | None], None]
+@dataclass
+class TokenLogProbs:
+    """Log probs of the tokens one response carries (requests with `return_log_probs`)."""
+
+    values: list[float] = field(default_factory=list)  # the sampled tokens'
+    top_ids: list[list[int]] = field(default_factory=list)  # per token: the most likely ids, best first
+    top_values: list[list[float]] = field(default_factory=list)
+
+    def extend(self, other: TokenLogProbs) -> None:
+        self.values += other.values
+        self.top_ids += other.top_ids
+        self.top_values += other.top_values
+
+
+# sink(new_ids, final, error) — or sink(new_ids, final, error, log_probs) for requests with
+# `return_log_probs`: called from the engine thread.
+Sink = Callable[..., None]
 
 
 @dataclass
@@ -71,6 +89,9 @@ class GenerationRequest:
     guided: Any = None  # cpu_engine.guided.GuidedDecoder
     is_cancelled: Callable[[], bool] = lambda: False
     request_id: str = ""
+    embedding_bias: torch.Tensor | None = None  # float32 [<= vocab rows]
+    return_log_probs: bool = False
+    top_log_probs: int = 20  # how many top tokens come with each log prob
 
 
 @dataclass(eq=False)
@@ -81,6 +102,7 @@ class _Row:
     embeds: torch.Tensor  # the prompt's input embeddings [tokens, hidden], scaled
     generated: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # generated but not yet sent (non-streaming)
+    pending_log_probs: TokenLogProbs = field(default_factory=TokenLogProbs)  # of `pending`
     generator: torch.Generator | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     started: float = field(default_factory=time.monotonic)
@@ -306,13 +328,13 @@ class ReferenceEngine:
         """Sample `st`'s next token and send it; False once the request is finished."""
         req = st.req
         try:
-            token = self._sample(st, logits)
+            token, log_probs = self._sample(st, logits)
         except Exception as exc:  # one broken request must never take its batch down
             log.exception("request %s failed", req.request_id)
             self._finish(st, error=f"engine error: {exc}")
             return False
         if token == req.end_id:
-            self._emit(st, [], final=True)
+            self._emit(st, [], None, final=True)
             return False
         st.generated.append(token)
         done = (
@@ -320,22 +342,28 @@ class ReferenceEngine:
             or self._hit_stop(st)
             or (req.guided is not None and req.guided.is_terminated())
         )
-        self._emit(st, [token], final=done)
+        self._emit(st, [token], log_probs, final=done)
         return not done
 
-    def _emit(self, st: _Row, new: list[int], *, final: bool) -> None:
+    def _emit(self, st: _Row, new: list[int], log_probs: TokenLogProbs | None, *, final: bool) -> None:
         if st.req.streaming:
             st.pending = new
+            st.pending_log_probs = log_probs or TokenLogProbs()
             if not final:
-                _send(st.req, new, False, None)
-                st.pending = []
+                _send(st.req, new, False, None, st.pending_log_probs)
+                st.pending, st.pending_log_probs = [], TokenLogProbs()
         else:
             st.pending.extend(new)
+            if log_probs is not None:
+                st.pending_log_probs.extend(log_probs)
         if final:
             self._finish(st)
 
     def _finish(self, st: _Row, *, error: str | None = None) -> None:
-        _send(st.req, [] if error else st.pending, True, error)
+        if error:
+            _send(st.req, [], True, error)
+        else:
+            _send(st.req, st.pending, True, None, st.pending_log_probs)
 
     def _hit_stop(self, st: _Row) -> bool:
         gen = st.generated
@@ -343,9 +371,12 @@ class ReferenceEngine:
             return False
         return any(len(w) <= len(gen) and gen[-len(w) :] == w for w in st.req.stop_words)
 
-    def _sample(self, st: _Row, logits: torch.Tensor) -> int:
+    def _sample(self, st: _Row, logits: torch.Tensor) -> tuple[int, TokenLogProbs | None]:
         req, s = st.req, st.req.sampling
         logits = logits.float().clone()
+        if req.embedding_bias is not None:  # first, as TensorRT-LLM adds it to the logits
+            n = min(len(req.embedding_bias), len(logits))
+            logits[:n] += req.embedding_bias[:n]
         # Embedding rows past the tokenizer (the 27B pads to 262208) are never valid outputs.
         logits[self.vocab_size :] = float("-inf")
         ban_bad_words(logits, req.bad_words, st.generated)
@@ -358,12 +389,33 @@ class ReferenceEngine:
         token = int(torch.argmax(logits)) if s.greedy else sample_top_k_top_p(logits, s, st.generator)
         if req.guided is not None and not req.guided.accept_token(token):
             raise EngineRequestError(f"guided decoding rejected token {token}")
-        return token
+        return token, (_log_probs(logits, s, token, req.top_log_probs) if req.return_log_probs else None)
 
 
-def _send(req: GenerationRequest, new: list[int], final: bool, error: str | None) -> None:
+def _log_probs(logits: torch.Tensor, s: Sampling, token: int, top: int) -> TokenLogProbs:
+    """The sampled token's log prob and the `top` most likely tokens', from this row's final logits."""
+    scaled = logits if s.greedy else logits / max(s.temperature, 1e-5)
+    lp = torch.log_softmax(scaled, dim=-1)
+    best = torch.topk(lp, min(top, lp.numel())) if top > 0 else None
+    return TokenLogProbs(
+        values=[float(lp[token])],
+        top_ids=[best.indices.tolist()] if best is not None else [[]],
+        top_values=[best.values.tolist()] if best is not None else [[]],
+    )
+
+
+def _send(
+    req: GenerationRequest,
+    new: list[int],
+    final: bool,
+    error: str | None,
+    log_probs: TokenLogProbs | None = None,
+) -> None:
     try:
-        req.sink(new, final, error)
+        if req.return_log_probs and error is None:
+            req.sink(new, final, error, log_probs or TokenLogProbs())
+        else:
+            req.sink(new, final, error)
     except Exception:  # the client may be gone; nothing else to do
         log.debug("sink failed for %s", req.request_id, exc_info=True)
 

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
+from gateway import tracing
 from gateway.auth import KeyChecker
 from gateway.chat import ChatService
 from gateway.completions import handle_completion
@@ -156,6 +157,8 @@ def create_app(
     """The gateway app; `backend` and `tokenizer` replace Triton and GATEWAY_TOKENIZER_DIR in tests."""
     settings = settings or GatewaySettings()
     state = GatewayState(settings, backend, tokenizer)
+    if not tracing.enabled():
+        tracing.configure_from_env()  # off unless OTEL_TRACES_EXPORTER names an exporter
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from gateway import tracing
 from gateway.admission import AdmissionController
 from gateway.generation import Event, Failure, Generation
 from gateway.images import ImageService
@@ -25,6 +26,8 @@ from gateway.prepare import ChatContext, prepare
 from gateway.responses import GenerationStreamingResponse, StreamWriter, collect
 from gateway.settings import GatewaySettings
 from gateway.triton.client import GenerationBackend
+from gateway.triton.errors import TritonError
+from gateway.validation import DeploymentFeatures
 
 log = logging.getLogger("gateway.chat")
 T = TypeVar("T")
@@ -104,7 +107,20 @@ class ChatService:
         return self._tokenizer_loader() if self._tokenizer_loader is not None else None
 
     async def prepare(self, raw: bytes) -> ChatContext:
-        return await prepare(raw, self.settings, self._encode_len, self.images, self.lora)
+        return await prepare(
+            raw, self.settings, self._encode_len, self.images, self.lora, await self._features()
+        )
+
+    async def _features(self) -> DeploymentFeatures | None:
+        """What the engine can return, from the deployed configs (None while Triton is unreachable:
+        the request then fails for that reason, not for a feature)."""
+        try:
+            spec = await self.backend.model_spec()
+        except TritonError:
+            return None
+        if not spec.engine_outputs:  # the ensemble is streamed as one model: it returns text only
+            return DeploymentFeatures(log_probs=False, top_log_probs=False)
+        return DeploymentFeatures(log_probs=spec.log_probs, top_log_probs=spec.top_log_probs)
 
     def _backend_for(self, ctx: ChatContext) -> GenerationBackend:
         if ctx.adapter is None or self.lora is None:
@@ -114,15 +130,37 @@ class ChatService:
     async def handle(self, raw: bytes, http_request: Request) -> Response:
         """Answer one chat completion whose body (`raw`) was already read; `http_request` is watched for a
         disconnect while waiting."""
-        return await self.serve(await self.prepare(raw), http_request, collect, None)
+
+        async def answer(root: Any) -> Response:
+            return await self.serve(await self.prepare(raw), http_request, collect, None, root)
+
+        return await self.traced(http_request, answer)
+
+    async def traced(self, http_request: Request, answer: Callable[[Any], Awaitable[Response]]) -> Response:
+        """Run one endpoint's `answer` inside the request's trace span (a child of the caller's
+        `traceparent`); a streamed answer ends the span when its stream closes."""
+        with tracing.request_span(http_request.headers) as root:
+            streaming = False
+            try:
+                response = await answer(root)
+                streaming = isinstance(response, GenerationStreamingResponse)
+                return response
+            finally:
+                if not streaming:
+                    tracing.end(root)
 
     async def serve(
-        self, ctx: ChatContext, http_request: Request, shape_body: BodyShaper, writer: WriterFactory | None
+        self,
+        ctx: ChatContext,
+        http_request: Request,
+        shape_body: BodyShaper,
+        writer: WriterFactory | None,
+        root: Any = None,
     ) -> Response:
         """Admission → generation → `shape_body`'s JSON, or SSE from `writer` (None: chat chunks).
 
         Every generating endpoint (chat, legacy completions, Responses) comes through here, so they share
-        admission, deadlines, cancellation and metrics."""
+        admission, deadlines, cancellation, metrics and tracing (`root`: the request's span)."""
         ctx.request_id = current_request_id()
         if self.settings.log_prompts:  # debug only: prompts carry user data
             log.info("prompt", extra={"prompt": ctx.prompt, "chat_id": ctx.id})
@@ -131,13 +169,21 @@ class ChatService:
         except ClientDisconnected:
             return Response(status_code=499)
         count = self._count_tokens if self._tokenizer_loader is not None else None
+        response_span = tracing.start_span("response")
+
+        def on_close() -> None:
+            permit.release()
+            tracing.end(response_span)
+            tracing.end(root)  # idempotent: a non-streamed answer ended it already
+
         generation = Generation(
             self._backend_for(ctx),
             ctx,
             self.metrics,
             self.settings.request_timeout_s,
             count,
-            on_close=permit.release,
+            on_close=on_close,
+            tokens_per_block=self.settings.kv_cache_tokens_per_block,
         )
         try:
             # Wait for the first event before answering, so a Triton outage is a real HTTP 503

@@ -124,5 +124,8 @@ class CompletionChunkWriter:
 
 
 async def handle_completion(service: ChatService, raw: bytes, http_request: Request) -> Response:
-    ctx = await prepare_completion(raw, service)
-    return await service.serve(ctx, http_request, collect_completion, CompletionChunkWriter)
+    async def answer(root: Any) -> Response:
+        ctx = await prepare_completion(raw, service)
+        return await service.serve(ctx, http_request, collect_completion, CompletionChunkWriter, root)
+
+    return await service.traced(http_request, answer)

@@ -13,14 +13,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import limits
+from gateway import limits, tracing
 from gateway.images import ImageService, images_tensor
 from gateway.lora import LoraService
 from gateway.prompt import render_prompt
 from gateway.sampling import SamplingParams, resolve_sampling
 from gateway.settings import GatewaySettings
 from gateway.tools import NO_TOOLS, ToolPlan, plan_tools
-from gateway.validation import ChatRequest, GenerationRequest, parse_chat_request
+from gateway.validation import ChatRequest, DeploymentFeatures, GenerationRequest, parse_chat_request
 from gemma3_core.chat_template import expand_image_markers
 from triton_io.contract import Ensemble
 
@@ -62,11 +62,12 @@ async def prepare(
     count_prompt: PromptCounter,
     images: ImageService | None = None,
     lora: LoraService | None = None,
+    features: DeploymentFeatures | None = None,
 ) -> ChatContext:
     """Validate, render and size the request; every failure is an `APIError` (4xx)."""
-    return await prepare_chat(
-        parse_chat_request(raw, settings, lora.knows if lora else None), settings, count_prompt, images, lora
-    )
+    with tracing.span("validate"):
+        request = parse_chat_request(raw, settings, lora.knows if lora else None, features)
+    return await prepare_chat(request, settings, count_prompt, images, lora)
 
 
 async def prepare_chat(
@@ -86,7 +87,8 @@ async def prepare_chat(
         request.parallel_tool_calls,
         settings.max_tool_calls,
     )
-    prompt = render_prompt(request.messages, request.tools, request.tool_choice)
+    with tracing.span("render_prompt"):
+        prompt = render_prompt(request.messages, request.tools, request.tool_choice)
     # Rendered first so a malformed conversation costs no fetch; all images are fetched concurrently.
     fetched = await images.fetch(request.messages) if images is not None else []
     # Count what the engine will see: each marker expands to the full image sequence (256 soft tokens).

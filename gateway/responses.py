@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import sse
-from gateway.generation import Delta, Event, Failure, Finish, Generation
+from gateway.generation import Choice, Delta, Event, Failure, Finish, Generation
 from gateway.tools import ToolReader
 
 
@@ -33,13 +33,17 @@ async def collect(generation: Generation, first: Event | None = None) -> dict[st
     await wait_all(generation, first)
     ctx, choices = generation.ctx, generation.choices
     shaped = [ctx.tools.message(c.text, c.finish_reason) for c in choices]
+
+    def logprobs(c: Choice) -> dict[str, Any] | None:
+        return None if c.log_probs is None else {"content": c.log_probs.released, "refusal": None}
+
     return {
         "id": ctx.id,
         "object": "chat.completion",
         "created": ctx.created,
         "model": ctx.request.model,
         "choices": [
-            {"index": c.index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            {"index": c.index, "message": message, "logprobs": logprobs(c), "finish_reason": finish_reason}
             for c, (message, finish_reason) in zip(choices, shaped, strict=True)
         ],
         "usage": generation.usage(),
@@ -77,7 +81,10 @@ class ChatChunkWriter:
         factory = self.factory
         if isinstance(event, Delta):
             parser = self.parsers.get(event.index)
-            if parser is None:
+            if event.logprobs is not None:  # requests with logprobs only: the chunk carries them
+                deltas = parser.feed(event.text) if parser is not None else [{"content": event.text}]
+                out.append(factory.delta(event.index, _merge(deltas), {"content": event.logprobs}))
+            elif parser is None:
                 out.append(factory.content(event.index, event.text))
             else:
                 out.extend(factory.delta(event.index, delta) for delta in parser.feed(event.text))
@@ -97,6 +104,22 @@ class ChatChunkWriter:
         if not self.generation.unfinished and self.factory.include_usage:
             out.append(self.factory.usage(self.generation.usage()))
         out.append(sse.DONE)
+
+
+def _merge(deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several parser deltas as one (a chunk carries the logprobs of its text once)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    merged: dict[str, Any] = {}
+    for delta in deltas:
+        for key, value in delta.items():
+            if key == "content" and isinstance(value, str):
+                merged["content"] = (merged.get("content") or "") + value
+            elif key == "tool_calls":
+                merged.setdefault("tool_calls", []).extend(value)
+            else:
+                merged[key] = value
+    return merged
 
 
 async def stream(generation: Generation, first: Event, writer: StreamWriter) -> AsyncIterator[bytes]:

@@ -292,11 +292,19 @@ class ResponseEventWriter:
 
 async def handle_responses(service: ChatService, raw: bytes, http_request: Request) -> Response:
     settings, lora = service.settings, service.lora
-    request, body = parse_responses_request(raw, settings, lora.knows if lora else None)
-    ctx = await prepare_chat(request, settings, service.encode_len, service.images, lora)
-    ctx.id = _new_id("resp")
-    shape = ResponseShape(ctx, body)
-    shape.id = ctx.id
-    return await service.serve(
-        ctx, http_request, body_shaper(shape), lambda generation: ResponseEventWriter(generation, shape)
-    )
+
+    async def answer(root: Any) -> Response:
+        request, body = parse_responses_request(raw, settings, lora.knows if lora else None)
+        ctx = await prepare_chat(request, settings, service.encode_len, service.images, lora)
+        ctx.id = _new_id("resp")
+        shape = ResponseShape(ctx, body)
+        shape.id = ctx.id
+        return await service.serve(
+            ctx,
+            http_request,
+            body_shaper(shape),
+            lambda generation: ResponseEventWriter(generation, shape),
+            root,
+        )
+
+    return await service.traced(http_request, answer)

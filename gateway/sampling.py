@@ -10,6 +10,9 @@ Policies (also in docs/gateway.md):
 - every choice gets a seed: `seed + i` (mod 2^64) when the request has a seed, otherwise a random one
   (TensorRT-LLM's default seed is a constant, so n unseeded choices would otherwise be identical).
 - penalties are sent only when given (the engine's neutral defaults apply otherwise).
+- `logit_bias` goes as token ids and weights (preprocessing makes TensorRT-LLM's dense `embedding_bias`).
+- `return_perf_metrics` is always asked for: the engine's KV-cache reuse count becomes
+  `usage.prompt_tokens_details.cached_tokens`; `return_log_probs` only with `logprobs`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from gateway.settings import GatewaySettings
 from gateway.validation import GenerationRequest
@@ -38,6 +43,9 @@ class SamplingParams:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def choice_seed(self, index: int) -> int:
         if self.seed is None:
@@ -62,6 +70,13 @@ class SamplingParams:
                 values[name] = value
         if self.stop:
             values[Ensemble.STOP_WORDS] = list(self.stop)
+        values[Ensemble.RETURN_PERF_METRICS] = True
+        if self.logprobs:
+            values[Ensemble.RETURN_LOG_PROBS] = True
+        if self.logit_bias:
+            ids, weights = zip(*self.logit_bias, strict=True)
+            values[Ensemble.EMBEDDING_BIAS_IDS] = np.array([ids], dtype=np.int32)
+            values[Ensemble.EMBEDDING_BIAS_WEIGHTS] = np.array([weights], dtype=np.float32)
         return values
 
 
@@ -85,4 +100,7 @@ def resolve_sampling(
         frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty,
         stop=tuple(request.stop),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        logit_bias=tuple(request.logit_bias.items()),
     )

@@ -88,6 +88,9 @@ class GatewaySettings(BaseSettings):
     default_temperature: float = Field(default=1.0, ge=0, le=2)
     default_top_p: float = Field(default=0.95, gt=0, le=1)
     default_top_k: int = Field(default=64, ge=0)
+    # Tokens per KV-cache block of the engine (TensorRT-LLM's default; the GPU build keeps it): reused
+    # blocks times this is `usage.prompt_tokens_details.cached_tokens`.
+    kv_cache_tokens_per_block: int = Field(default=32, ge=1)
 
     # --- images (gateway/images.py; the fetch policy is built from these) ------------------------
     images_enabled: bool = True

@@ -47,8 +47,14 @@ class ChunkFactory:
             chunk["usage"] = None
         return chunk
 
-    def _choice(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def role(self, index: int) -> bytes:
         return encode_event(self._chunk([self._choice(index, {"role": "assistant", "content": ""})]))
@@ -63,14 +69,14 @@ class ChunkFactory:
         text_json = json.dumps(text, ensure_ascii=False).encode("utf-8", "replace")
         return frame[0] + text_json + frame[1]
 
-    def delta(self, index: int, delta: dict[str, Any]) -> bytes:
-        """Any delta (tool calls: `{"tool_calls": [...]}`)."""
-        return encode_event(self._chunk([self._choice(index, delta)]))
+    def delta(self, index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None) -> bytes:
+        """Any delta (tool calls: `{"tool_calls": [...]}`), with the logprobs of its tokens if requested."""
+        return encode_event(self._chunk([self._choice(index, delta, None, logprobs)]))
 
     def finish(self, index: int, reason: str) -> bytes:
         return encode_event(self._chunk([self._choice(index, {}, reason)]))
 
-    def usage(self, usage: dict[str, int]) -> bytes:
+    def usage(self, usage: dict[str, Any]) -> bytes:
         chunk = self._chunk([])
         chunk["usage"] = usage
         return encode_event(chunk)

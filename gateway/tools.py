@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.validation import PATTERN_GUIDES
 from gemma3_core.tool_parser import (
     ForcedCallReader,
     StreamingToolParser,
@@ -86,6 +87,14 @@ class ToolPlan:
 NO_TOOLS = ToolPlan(parse_tools=None, guided=None)
 
 
+def _pattern_guide(response_format: Any) -> tuple[str, str] | None:
+    """response_format `regex` / `grammar` -> the engine's `regex` / `ebnf_grammar` guide."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in PATTERN_GUIDES:
+        return None
+    return PATTERN_GUIDES[kind], response_format[kind]
+
+
 def plan_tools(
     tools: list[dict[str, Any]] | None,
     tool_choice: Any,
@@ -95,7 +104,7 @@ def plan_tools(
 ) -> ToolPlan:
     """`max_calls`: the deployment's cap on a forced call list (`parallel_tool_calls` false: one)."""
     cap = 1 if parallel_tool_calls is False else max_calls
-    guided = guided_decoding_for(tools, tool_choice, response_format, cap)
+    guided = guided_decoding_for(tools, tool_choice, response_format, cap) or _pattern_guide(response_format)
     parse = list(tools) if tools and tools_active(tools, tool_choice) else None
     if parse is None and guided is None:
         return NO_TOOLS

@@ -21,6 +21,7 @@ from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from gateway.errors import APIError, bad_request
 from gateway.responses_input import to_chat_body
 from gateway.settings import GatewaySettings
+from gemma3_core.constants import SENTENCEPIECE_VOCAB
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CHAT_SCHEMA = "chat_request"  # one JSON Schema per endpoint: schemas/<name>.schema.json
@@ -163,6 +164,9 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,6 +178,14 @@ class ChatRequest(GenerationRequest):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentFeatures:
+    """What the deployed engine can return, from its declared outputs (gateway.triton.tensors.ModelSpec)."""
+
+    log_probs: bool = True
+    top_log_probs: bool = True
 
 
 @dataclass
@@ -245,6 +257,11 @@ def _check_tools(body: dict[str, Any]) -> None:
         problem = _schema_problem(schema) if schema is not None else None
         if problem is not None:
             raise bad_request(problem, "response_format.json_schema.schema", "invalid_value")
+    kind = response_format.get("type")
+    if kind in PATTERN_GUIDES:
+        problem = _pattern_problem(kind, response_format[kind])
+        if problem is not None:
+            raise bad_request(problem, f"response_format.{kind}", "invalid_value")
 
     # A replayed call carries a JSON object; a tool result must answer a call made earlier.
     seen_ids: set[str] = set()
@@ -260,6 +277,64 @@ def _check_tools(body: dict[str, Any]) -> None:
                 f"messages[{i}].tool_call_id",
                 "invalid_value",
             )
+
+
+# response_format types that constrain the output with a pattern -> TensorRT-LLM's guide type.
+PATTERN_GUIDES: dict[str, str] = {"regex": "regex", "grammar": "ebnf_grammar"}
+
+
+def _pattern_problem(kind: str, pattern: str) -> str | None:
+    """Why xgrammar (the engines' guided-decoding backend) cannot compile `pattern`, or None.
+
+    Without xgrammar in the gateway's environment the pattern is not checked here; the engine then refuses
+    a bad one (a 400 from its error message, gateway/errors.py)."""
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return None
+    try:
+        if kind == "regex":
+            xgr.Grammar.from_regex(pattern)
+        else:
+            xgr.Grammar.from_ebnf(pattern)
+    except Exception as exc:  # xgrammar raises RuntimeError or its own error types
+        return f"invalid {kind}: {str(exc)[:_MAX_MESSAGE_CHARS]}"
+    return None
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """`logit_bias` keys as token ids: decimal integers naming a token of the vocabulary."""
+    bias: dict[int, float] = {}
+    for key, value in (body.get("logit_bias") or {}).items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < SENTENCEPIECE_VOCAB:
+            raise bad_request(
+                f"logit_bias keys must be token ids in [0, {SENTENCEPIECE_VOCAB}); got {key[:40]!r}",
+                "logit_bias",
+                "invalid_value",
+            )
+        bias[token] = float(value)
+    return bias
+
+
+def _check_log_probs(body: dict[str, Any], features: DeploymentFeatures) -> tuple[bool, int]:
+    logprobs = bool(body.get("logprobs"))
+    top = _opt_int(body, "top_logprobs") or 0
+    if top and not logprobs:
+        # As OpenAI: top_logprobs means nothing without logprobs.
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs", "invalid_value")
+    if logprobs and not features.log_probs:
+        raise bad_request(
+            "logprobs are not returned by this deployment's engine", "logprobs", "unsupported_parameter"
+        )
+    if top and not features.top_log_probs:
+        raise bad_request(
+            "top_logprobs > 0 is not supported by this deployment's engine (it returns the sampled "
+            "tokens' log probs only); send top_logprobs 0",
+            "top_logprobs",
+            "unsupported_parameter",
+        )
+    return logprobs, top
 
 
 def _check_arguments(arguments: str | None, param: str) -> None:
@@ -364,20 +439,6 @@ def _generation_fields(
     if n > settings.max_n:
         raise bad_request(f"n must be at most {settings.max_n} on this deployment", "n", "invalid_value")
 
-    # Features that would change the response's meaning if silently dropped.
-    if body.get("logprobs"):
-        raise bad_request(
-            "logprobs are not supported by this deployment", "logprobs", "unsupported_parameter"
-        )
-    if body.get("top_logprobs"):
-        raise bad_request(
-            "top_logprobs is not supported by this deployment", "top_logprobs", "unsupported_parameter"
-        )
-    if body.get("logit_bias"):
-        raise bad_request(
-            "logit_bias is not supported by this deployment", "logit_bias", "unsupported_parameter"
-        )
-
     repetition_penalty = _opt_float(body, "repetition_penalty")
     # The engine takes FP32: a positive double that rounds to 0 there would be refused by the engine.
     if repetition_penalty is not None and _as_fp32(repetition_penalty) <= 0:
@@ -404,19 +465,32 @@ def _generation_fields(
         "frequency_penalty": _opt_float(body, "frequency_penalty"),
         "repetition_penalty": repetition_penalty,
         "stop": stops,
+        "logit_bias": _logit_bias(body),
     }
 
 
-def parse_chat_request(raw: bytes, settings: GatewaySettings, model_known: ModelKnown = None) -> ChatRequest:
-    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own."""
-    return chat_request_from_body(_parse_body(raw, CHAT_SCHEMA, _TEXT_FIELDS), settings, model_known)
+def parse_chat_request(
+    raw: bytes,
+    settings: GatewaySettings,
+    model_known: ModelKnown = None,
+    features: DeploymentFeatures | None = None,
+) -> ChatRequest:
+    """`model_known` accepts further model ids (LoRA adapters) besides the deployment's own; `features`
+    says what the engine can return (None: not known yet, everything is accepted)."""
+    body = _parse_body(raw, CHAT_SCHEMA, _TEXT_FIELDS)
+    return chat_request_from_body(body, settings, model_known, features)
 
 
 def chat_request_from_body(
-    body: dict[str, Any], settings: GatewaySettings, model_known: ModelKnown = None
+    body: dict[str, Any],
+    settings: GatewaySettings,
+    model_known: ModelKnown = None,
+    features: DeploymentFeatures | None = None,
 ) -> ChatRequest:
     """A chat body that passed the chat schema → `ChatRequest` (the rules a schema cannot express)."""
     fields = _generation_fields(body, settings, model_known)
+    # Features that would change the response's meaning if silently dropped.
+    logprobs, top_logprobs = _check_log_probs(body, features or DeploymentFeatures())
     _check_tools(body)
     if not settings.images_enabled:
         _refuse_images(body["messages"])
@@ -427,6 +501,8 @@ def chat_request_from_body(
         tool_choice=body.get("tool_choice"),
         response_format=body.get("response_format"),
         parallel_tool_calls=body.get("parallel_tool_calls"),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -443,6 +519,8 @@ def parse_completion_request(
     for name, why in (
         ("echo", "echo is not supported by this deployment"),
         ("suffix", "suffix (insertion) is not supported by this model"),
+        # Chat completions return log probs; the legacy format (token_logprobs, text_offset) is not built.
+        ("logprobs", "logprobs are returned by /v1/chat/completions only on this deployment"),
     ):
         if body.get(name):
             raise bad_request(why, name, "unsupported_parameter")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from build_engine.cpu import CpuArtifacts
-from cpu_engine.engine import GenerationRequest, ReferenceEngine, Sampling
+from cpu_engine.engine import GenerationRequest, ReferenceEngine, Sampling, TokenLogProbs
 from cpu_engine.guided import GuidedDecoder, tokenizer_info_from_tokenizer_json
 from cpu_engine.lora_hooks import DecodedLora, LoraHooks
 from gemma3_core import constants as C
@@ -35,6 +35,8 @@ VOCAB = C.GEMMA3_270M.vocab_size
 @dataclass
 class Outcome:
     chunks: list[list[int]] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)  # requests with return_log_probs
+    top_ids: list[list[int]] = field(default_factory=list)
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -83,6 +85,9 @@ def corpus(engine: ReferenceEngine, tokenizer: Any, cpu_artifacts: CpuArtifacts)
     long_prompt = chat("Summarise this text. " + "The river flows past the old mill and the bridge. " * 14)
     assert len(long_prompt) > 2 * engine.prefill_chunk
     word = encode(tokenizer, " Paris")
+    bias = torch.zeros(VOCAB)
+    bias[encode(tokenizer, " red") + encode(tokenizer, " blue")] = -100.0  # banned
+    bias[encode(tokenizer, " green")] = 5.0
     france = chat("What is the capital of France?")
     base = dict(end_id=C.END_OF_TURN_ID, stop_words=[[C.EOS_ID]])
     return [
@@ -114,6 +119,18 @@ def corpus(engine: ReferenceEngine, tokenizer: Any, cpu_artifacts: CpuArtifacts)
         lambda: dict(base, input_ids=chat("Tell me a fact."), max_new_tokens=16, lora=lora_b, streaming=True),
         lambda: dict(base, input_ids=image_prompt, max_new_tokens=12, prompt_table=table),
         lambda: dict(base, input_ids=long_prompt, max_new_tokens=16, lora=lora_a),
+        lambda: dict(
+            base, input_ids=chat("Name a colour."), max_new_tokens=10, return_log_probs=True, top_log_probs=5
+        ),
+        lambda: dict(
+            base,
+            input_ids=chat("Name a colour."),
+            max_new_tokens=10,
+            streaming=True,
+            return_log_probs=True,
+            embedding_bias=bias,
+            sampling=Sampling(temperature=0.7, top_k=20, seed=7),
+        ),
     ]
 
 
@@ -124,8 +141,12 @@ def hf_model_hidden(engine: ReferenceEngine) -> int:
 def _submit(engine: ReferenceEngine, fields: dict[str, Any], cancel_after: int | None = None) -> Outcome:
     out = Outcome()
 
-    def sink(new: list[int], final: bool, error: str | None) -> None:
+    def sink(new: list[int], final: bool, error: str | None, log_probs: TokenLogProbs | None = None) -> None:
         out.error = error
+        if log_probs is not None:
+            assert len(log_probs.values) == len(new), "one log prob per token of the response"
+            out.log_probs += log_probs.values
+            out.top_ids += log_probs.top_ids
         if new:
             out.chunks.append(list(new))
         if final:
@@ -157,6 +178,42 @@ def test_batched_equals_single(engine: ReferenceEngine, corpus: list[Factory]) -
         assert a.tokens, f"request {i} produced nothing"
         assert b.tokens == a.tokens, f"request {i}: batched {b.tokens} != alone {a.tokens}"
         assert len(b.chunks) == len(a.chunks), f"request {i}: response count differs"
+        assert b.log_probs == pytest.approx(a.log_probs, abs=1e-3), f"request {i}: log probs differ"
+        assert b.top_ids == a.top_ids, f"request {i}: top tokens differ"
+
+
+def test_log_probs_and_embedding_bias(engine: ReferenceEngine, tokenizer: Any) -> None:
+    prompt = encode(tokenizer, render_chat([{"role": "user", "content": "Name a colour."}]))
+    greedy = _submit(
+        engine,
+        dict(
+            input_ids=prompt,
+            max_new_tokens=6,
+            end_id=C.END_OF_TURN_ID,
+            return_log_probs=True,
+            top_log_probs=3,
+        ),
+    )
+    _wait([greedy])
+    assert len(greedy.log_probs) == len(greedy.tokens) and all(v <= 0 for v in greedy.log_probs)
+    # Greedy: the sampled token is the most likely, so it heads its top list.
+    assert [top[0] for top in greedy.top_ids] == greedy.tokens
+    assert all(len(top) == 3 for top in greedy.top_ids)
+    # +100 forces a token at every step, -100 bans the greedy first token.
+    forced_id = encode(tokenizer, " green")[0]
+    force = torch.zeros(VOCAB)
+    force[forced_id] = 100.0
+    forced = _submit(
+        engine, dict(input_ids=prompt, max_new_tokens=4, embedding_bias=force, return_log_probs=True)
+    )
+    ban = torch.zeros(VOCAB)
+    ban[greedy.tokens[0]] = -100.0
+    banned = _submit(
+        engine, dict(input_ids=prompt, max_new_tokens=2, end_id=C.END_OF_TURN_ID, embedding_bias=ban)
+    )
+    _wait([forced, banned])
+    assert forced.tokens == [forced_id] * 4 and forced.log_probs == pytest.approx([0.0] * 4, abs=1e-3)
+    assert banned.tokens[0] != greedy.tokens[0]
 
 
 def test_cancelled_row_leaves_others_untouched(engine: ReferenceEngine, corpus: list[Factory]) -> None:

@@ -46,7 +46,12 @@ def check_stream(events: list[Any], n: int, include_usage: bool) -> dict[int, st
     if include_usage:
         usage_chunk = chunks.pop()
         assert usage_chunk["choices"] == []
-        assert set(usage_chunk["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        assert set(usage_chunk["usage"]) == {
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+        }
         assert all(c["usage"] is None for c in chunks)
     else:
         assert all("usage" not in c for c in chunks)
@@ -98,6 +103,7 @@ async def test_non_streaming() -> None:
         "prompt_tokens": PROMPT_TOKENS,
         "completion_tokens": 3,
         "total_tokens": PROMPT_TOKENS + 3,
+        "prompt_tokens_details": {"cached_tokens": 0},  # the fake backend reports no KV reuse
     }
     prompt, values, _ = backend.calls[0]
     assert prompt == render_chat(USER)
@@ -128,6 +134,7 @@ async def test_streaming_wire_format(include_usage: bool) -> None:
             "prompt_tokens": PROMPT_TOKENS,
             "completion_tokens": 6,
             "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 0},
         }
 
 

@@ -182,3 +182,26 @@ async def test_stream_ending_on_end_id_is_clean(triton_server, tokenizer) -> Non
     assert res.error is None, res.error
     assert res.num_output_tokens == 3
     assert res.data == ByteDetokenizer(tokenizer).token_bytes(ids[:3])
+
+
+async def test_ensemble_applies_a_logit_bias(triton_server, tokenizer) -> None:
+    """Triton runs the ensemble itself: bias ids/weights -> preprocessing's dense EMBEDDING_BIAS -> engine."""
+    prompt = PROMPTS[3]
+    plain = await stream(triton_server.grpc_url, "ensemble", ensemble_inputs(prompt, 4, top_k=1))
+    assert plain.error is None
+    forced_id = encode(tokenizer, " green")[0]
+    inputs = [
+        *ensemble_inputs(prompt, 4, top_k=1),
+        tensor("embedding_bias_ids", [[forced_id]], np.int32),
+        tensor("embedding_bias_weights", [[100.0]], np.float32),
+    ]
+    forced = await stream(triton_server.grpc_url, "ensemble", inputs)
+    assert forced.error is None, forced.error
+    assert forced.data.decode() == " green" * 4 != plain.data.decode()
+    bad = [
+        *ensemble_inputs(prompt, 4),
+        tensor("embedding_bias_ids", [[C.GEMMA3_270M.vocab_size]], np.int32),
+        tensor("embedding_bias_weights", [[1.0]], np.float32),
+    ]
+    refused = await stream(triton_server.grpc_url, "ensemble", bad)
+    assert refused.error is not None and "embedding bias ids" in str(refused.error)

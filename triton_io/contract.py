@@ -84,6 +84,12 @@ class Ensemble:
     LORA_CONFIG: Final = "lora_config"
     GUIDE_TYPE: Final = "guided_decoding_guide_type"
     GUIDE: Final = "guided_decoding_guide"
+    RETURN_LOG_PROBS: Final = "return_log_probs"
+    RETURN_PERF_METRICS: Final = "return_perf_metrics"
+    # logit_bias as token ids and weights; preprocessing turns them into the engine's dense embedding_bias
+    # (upstream's ensemble takes words here, `embedding_bias_words`; ids are exact for an OpenAI logit_bias).
+    EMBEDDING_BIAS_IDS: Final = "embedding_bias_ids"
+    EMBEDDING_BIAS_WEIGHTS: Final = "embedding_bias_weights"
     TEXT_OUTPUT: Final = "text_output"
     NUM_INPUT_TOKENS: Final = "num_input_tokens"
     NUM_OUTPUT_TOKENS: Final = "num_output_tokens"
@@ -99,6 +105,8 @@ class Preprocessing:
     END_ID: Final = "END_ID"
     PAD_ID: Final = "PAD_ID"
     IMAGES: Final = "IMAGES"
+    EMBEDDING_BIAS_IDS: Final = "EMBEDDING_BIAS_IDS"
+    EMBEDDING_BIAS_WEIGHTS: Final = "EMBEDDING_BIAS_WEIGHTS"
     INPUT_ID: Final = "INPUT_ID"
     REQUEST_INPUT_LEN: Final = "REQUEST_INPUT_LEN"
     BAD_WORDS_IDS: Final = "BAD_WORDS_IDS"
@@ -108,6 +116,7 @@ class Preprocessing:
     OUT_PROMPT_EMBEDDING_TABLE: Final = "OUT_PROMPT_EMBEDDING_TABLE"
     OUT_PROMPT_VOCAB_SIZE: Final = "OUT_PROMPT_VOCAB_SIZE"
     OUT_PROMPT_TABLE_EXTRA_IDS: Final = "OUT_PROMPT_TABLE_EXTRA_IDS"
+    EMBEDDING_BIAS: Final = "EMBEDDING_BIAS"
 
 
 class VisionEncoder:
@@ -150,10 +159,22 @@ class Engine:
     LORA_CONFIG: Final = "lora_config"
     GUIDE_TYPE: Final = "guided_decoding_guide_type"
     GUIDE: Final = "guided_decoding_guide"
+    EMBEDDING_BIAS: Final = "embedding_bias"
+    RETURN_LOG_PROBS: Final = "return_log_probs"
+    RETURN_PERF_METRICS: Final = "return_perf_metrics"
     OUTPUT_IDS: Final = "output_ids"
     SEQUENCE_LENGTH: Final = "sequence_length"
     NUM_INPUT_TOKENS: Final = "num_input_tokens"
     NUM_OUTPUT_TOKENS: Final = "num_output_tokens"
+    OUTPUT_LOG_PROBS: Final = "output_log_probs"
+    KV_CACHE_REUSED_BLOCKS: Final = "kv_cache_reused_blocks"
+    # This stack's extension, not TensorRT-LLM's (its backend has no top-k log-prob output): the
+    # TOP_LOG_PROBS_K most likely tokens at each generated position, sent with output_log_probs.
+    TOP_LOG_PROB_IDS: Final = "ext_top_log_prob_ids"
+    TOP_LOG_PROBS: Final = "ext_top_log_probs"
+
+
+TOP_LOG_PROBS_K: Final = 20  # OpenAI's largest top_logprobs
 
 
 class Postprocessing:
@@ -193,6 +214,10 @@ ENSEMBLE = ModelContract(
         _t(Ensemble.LORA_CONFIG, INT32, -1, 3, optional=True),
         _t(Ensemble.GUIDE_TYPE, BYTES, 1, optional=True),
         _t(Ensemble.GUIDE, BYTES, 1, optional=True),
+        _t(Ensemble.RETURN_LOG_PROBS, BOOL, 1, optional=True),
+        _t(Ensemble.RETURN_PERF_METRICS, BOOL, 1, optional=True),
+        _t(Ensemble.EMBEDDING_BIAS_IDS, INT32, -1, optional=True),
+        _t(Ensemble.EMBEDDING_BIAS_WEIGHTS, FP32, -1, optional=True),
     ),
     outputs=(
         _t(Ensemble.TEXT_OUTPUT, BYTES, -1),  # the exact bytes of this response's tokens
@@ -212,6 +237,8 @@ PREPROCESSING = ModelContract(
         _t(Preprocessing.END_ID, INT32, 1, optional=True),
         _t(Preprocessing.PAD_ID, INT32, 1, optional=True),
         _t(Preprocessing.IMAGES, BYTES, -1, optional=True),
+        _t(Preprocessing.EMBEDDING_BIAS_IDS, INT32, -1, optional=True),
+        _t(Preprocessing.EMBEDDING_BIAS_WEIGHTS, FP32, -1, optional=True),
     ),
     outputs=(
         _t(Preprocessing.INPUT_ID, INT32, -1),
@@ -225,6 +252,8 @@ PREPROCESSING = ModelContract(
         _t(Preprocessing.OUT_PROMPT_EMBEDDING_TABLE, WEIGHT_DTYPES, -1, -1, optional=True),
         _t(Preprocessing.OUT_PROMPT_VOCAB_SIZE, INT32, 1, optional=True),
         _t(Preprocessing.OUT_PROMPT_TABLE_EXTRA_IDS, UINT64, -1, optional=True),
+        # Only for requests with a logit_bias: one FP32 per engine vocab row (engine_vocab_size).
+        _t(Preprocessing.EMBEDDING_BIAS, FP32, -1, optional=True),
     ),
 )
 
@@ -238,6 +267,17 @@ VISION_ENCODER = ModelContract(
         _t(VisionEncoder.PROMPT_EMBEDDING_TABLE, WEIGHT_DTYPES, -1, -1),  # image k owns 256 consecutive rows
         _t(VisionEncoder.PROMPT_VOCAB_SIZE, INT32, 1),
     ),
+)
+
+_ENGINE_BASE_OUTPUTS = (
+    _t(Engine.OUTPUT_IDS, INT32, -1, -1),  # [beams, tokens]; streaming responses carry only the new tokens
+    _t(Engine.SEQUENCE_LENGTH, INT32, -1),
+    _t(Engine.NUM_INPUT_TOKENS, INT32, 1),
+    _t(Engine.NUM_OUTPUT_TOKENS, INT32, 1),
+)
+_ENGINE_LOG_PROB_OUTPUTS = (
+    _t(Engine.OUTPUT_LOG_PROBS, FP32, -1, -1, optional=True),  # [beams, tokens], with return_log_probs
+    _t(Engine.KV_CACHE_REUSED_BLOCKS, INT32, 1, optional=True),  # with return_perf_metrics
 )
 
 ENGINE = ModelContract(
@@ -272,20 +312,29 @@ ENGINE = ModelContract(
         _t(Engine.LORA_CONFIG, INT32, -1, 3, optional=True),
         _t(Engine.GUIDE_TYPE, BYTES, 1, optional=True),
         _t(Engine.GUIDE, BYTES, 1, optional=True),
+        _t(Engine.EMBEDDING_BIAS, FP32, -1, optional=True),  # added to the logits before sampling
+        _t(Engine.RETURN_LOG_PROBS, BOOL, 1, optional=True),
+        _t(Engine.RETURN_PERF_METRICS, BOOL, 1, optional=True),
     ),
     outputs=(
-        _t(
-            Engine.OUTPUT_IDS, INT32, -1, -1
-        ),  # [beams, tokens]; streaming responses carry only the new tokens
-        _t(Engine.SEQUENCE_LENGTH, INT32, -1),
-        _t(Engine.NUM_INPUT_TOKENS, INT32, 1),
-        _t(Engine.NUM_OUTPUT_TOKENS, INT32, 1),
+        *_ENGINE_BASE_OUTPUTS,
+        *_ENGINE_LOG_PROB_OUTPUTS,
+        # [tokens, TOP_LOG_PROBS_K] each, with output_log_probs (this stack's extension)
+        _t(Engine.TOP_LOG_PROB_IDS, INT32, -1, -1, optional=True),
+        _t(Engine.TOP_LOG_PROBS, FP32, -1, -1, optional=True),
     ),
 )
 # The same contract under the other implementations' templates: the fast test double, and NVIDIA's C++
 # backend on the GPU, which declares more tensors than the stack uses.
-FAST_DOUBLE = ModelContract("tensorrt_llm_fast_double", "tensorrt_llm", ENGINE.inputs, ENGINE.outputs)
-TENSORRT_LLM = ModelContract("tensorrt_llm", "tensorrt_llm", ENGINE.inputs, ENGINE.outputs, extensible=True)
+# The double returns tokens only (no log probs); TensorRT-LLM lacks the top-k extension.
+FAST_DOUBLE = ModelContract("tensorrt_llm_fast_double", "tensorrt_llm", ENGINE.inputs, _ENGINE_BASE_OUTPUTS)
+TENSORRT_LLM = ModelContract(
+    "tensorrt_llm",
+    "tensorrt_llm",
+    ENGINE.inputs,
+    _ENGINE_BASE_OUTPUTS + _ENGINE_LOG_PROB_OUTPUTS,
+    extensible=True,
+)
 
 POSTPROCESSING = ModelContract(
     "postprocessing",
@@ -304,7 +353,8 @@ MODELS: Final = {
 REQUIRED_INPUTS: Final = tuple(t.name for t in ENSEMBLE.inputs if not t.optional)
 LIST_INPUTS: Final = frozenset({Ensemble.STOP_WORDS, Ensemble.BAD_WORDS})  # a list of strings, not one value
 # Inputs that change what a request means: if the deployed ensemble lacks one, dropping it would silently
-# serve a different request (no image, base model instead of the adapter, unconstrained JSON).
+# serve a different request (no image, base model instead of the adapter, unconstrained JSON, no log
+# probs, no logit bias).
 ESSENTIAL_INPUTS: Final = frozenset(
     {
         Ensemble.IMAGES,
@@ -313,6 +363,9 @@ ESSENTIAL_INPUTS: Final = frozenset(
         Ensemble.LORA_CONFIG,
         Ensemble.GUIDE_TYPE,
         Ensemble.GUIDE,
+        Ensemble.RETURN_LOG_PROBS,
+        Ensemble.EMBEDDING_BIAS_IDS,
+        Ensemble.EMBEDDING_BIAS_WEIGHTS,
     }
 )
 

@@ -37,6 +37,9 @@ class EngineRequest:
     lora_weights: np.ndarray | None = None  # [modules, size], given with lora_config on first use
     lora_config: np.ndarray | None = None  # [modules, 3]
     guide: tuple[str, str] | None = None  # (guide type, guide)
+    embedding_bias: np.ndarray | None = None  # float32 [vocab rows], added to the logits
+    return_log_probs: bool = False
+    return_perf_metrics: bool = False
 
     @classmethod
     def from_triton(
@@ -90,11 +93,23 @@ class EngineRequest:
             lora_weights=weights if task_id is not None else None,
             lora_config=config if task_id is not None else None,
             guide=_guide(request),
+            embedding_bias=_embedding_bias(tensor(request, Engine.EMBEDDING_BIAS)),
+            return_log_probs=bool(optional_scalar(request, Engine.RETURN_LOG_PROBS, False)),
+            return_perf_metrics=bool(optional_scalar(request, Engine.RETURN_PERF_METRICS, False)),
         )
 
 
 def _word_list(arr: np.ndarray | None) -> list[list[int]]:
     return from_word_list(arr) if arr is not None and arr.size else []
+
+
+def _embedding_bias(arr: np.ndarray | None) -> np.ndarray | None:
+    if arr is None or not arr.size:
+        return None
+    bias = arr.reshape(-1).astype(np.float32)
+    if not np.isfinite(bias).all():
+        raise EngineRequestError("embedding_bias must be finite")
+    return bias
 
 
 def _text(item: Any) -> str:

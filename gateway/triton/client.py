@@ -22,16 +22,17 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from gateway import tracing
 from gateway.triton.errors import ErrorKind, TritonError, rpc_error, server_error
 from gateway.triton.plan import EnginePlan, engine_plan
 from gateway.triton.tensors import (
-    ID_OUTPUTS,
     TEXT_OUTPUTS,
     InputSpec,
     ModelSpec,
     TritonResponse,
     build_arrays,
     build_inputs,
+    engine_outputs_for,
     infer_inputs,
     parse_result,
     requested_outputs,
@@ -134,6 +135,7 @@ class TritonStreamClient:
                     inputs=inputs,
                     max_batch_size=int(config.max_batch_size),
                     outputs=frozenset(o.name for o in config.output),
+                    engine_outputs=self._plan.engine_outputs if self._plan else frozenset(),
                 )
                 log.info("Triton model %s inputs: %s", self.model, ", ".join(sorted(inputs)))
             return self._spec
@@ -183,7 +185,7 @@ class TritonStreamClient:
                 plan.engine.model,
                 await self._run_pre_steps(plan, spec, prompt, values, request_id),
             )
-            outputs = requested_outputs(ID_OUTPUTS, plan.engine_outputs)
+            outputs = requested_outputs(engine_outputs_for(values), plan.engine_outputs)
         finished = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -197,7 +199,9 @@ class TritonStreamClient:
             # Keep our side of the stream open: a half-closed stream could end before the last response.
             await finished.wait()
 
-        stream = self._client.stream_infer(requests(), stream_timeout=self.request_timeout_s)
+        stream = self._client.stream_infer(
+            requests(), stream_timeout=self.request_timeout_s, headers=tracing.grpc_headers()
+        )
         complete = False  # Triton sent the final response: nothing left to cancel
         try:
             async for result, error in stream:
@@ -230,12 +234,14 @@ class TritonStreamClient:
         for step in plan.pre:
             given = {name: tensors[t] for name, t in step.inputs.items() if t in tensors}
             try:
-                result = await self._client.infer(
-                    step.model,
-                    infer_inputs(given),
-                    request_id=request_id,
-                    client_timeout=self.request_timeout_s,
-                )
+                with tracing.span("triton.preprocessing", model=step.model):
+                    result = await self._client.infer(
+                        step.model,
+                        infer_inputs(given),
+                        request_id=request_id,
+                        client_timeout=self.request_timeout_s,
+                        headers=tracing.grpc_headers(),
+                    )
             except InferenceServerException as exc:
                 raise server_error(exc, self.url) from None
             except grpc.aio.AioRpcError as exc:

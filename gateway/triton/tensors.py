@@ -34,6 +34,27 @@ class ModelSpec:
     inputs: Mapping[str, InputSpec]
     max_batch_size: int
     outputs: frozenset[str] = frozenset()  # declared output names (empty: unknown, ask for all)
+    # What the engine model declares when the gateway streams it directly (empty: no engine plan).
+    engine_outputs: frozenset[str] = frozenset()
+
+    @property
+    def log_probs(self) -> bool:
+        """The deployment can return the sampled tokens' log probs."""
+        return Engine.OUTPUT_LOG_PROBS in self.engine_outputs
+
+    @property
+    def top_log_probs(self) -> bool:
+        """... and the most likely alternatives (this stack's extension of the engine contract)."""
+        return {Engine.TOP_LOG_PROB_IDS, Engine.TOP_LOG_PROBS} <= self.engine_outputs
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogProb:
+    """One generated token with its log prob and, if the engine sent them, the most likely alternatives."""
+
+    token: bytes
+    log_prob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,8 @@ class TritonResponse:
     num_input_tokens: int | None
     num_output_tokens: int | None
     final: bool
+    log_probs: tuple[TokenLogProb, ...] | None = None  # only for requests with return_log_probs
+    reused_blocks: int | None = None  # prompt KV-cache blocks the engine reused (with return_perf_metrics)
 
 
 def wire_dtype(data_type: int) -> str:
@@ -57,6 +80,16 @@ _INT_TYPECODES = {"INT32": "i", "INT64": "q", "UINT32": "I", "UINT64": "Q"}
 # Plain module names for the per-token loop (no class attribute lookups there).
 _OUTPUT_IDS, _TEXT_OUTPUT = Engine.OUTPUT_IDS, Ensemble.TEXT_OUTPUT
 _NUM_INPUT_TOKENS, _NUM_OUTPUT_TOKENS = Ensemble.NUM_INPUT_TOKENS, Ensemble.NUM_OUTPUT_TOKENS
+_REUSED_BLOCKS = Engine.KV_CACHE_REUSED_BLOCKS
+_LOG_PROB_OUTPUTS = frozenset({Engine.OUTPUT_LOG_PROBS, Engine.TOP_LOG_PROB_IDS, Engine.TOP_LOG_PROBS})
+# Asked for only by requests that want log probs: the per-token path of the others stays as it was.
+LOG_PROB_OUTPUTS = (Engine.OUTPUT_LOG_PROBS, Engine.TOP_LOG_PROB_IDS, Engine.TOP_LOG_PROBS)
+
+
+def engine_outputs_for(values: Mapping[str, Any]) -> tuple[str, ...]:
+    """The engine outputs one request needs: ids and counts, reuse stats, log probs if it asks for them."""
+    wanted = (*ID_OUTPUTS, Engine.KV_CACHE_REUSED_BLOCKS)
+    return (*wanted, *LOG_PROB_OUTPUTS) if values.get(Ensemble.RETURN_LOG_PROBS) else wanted
 
 
 def _ints(raw: bytes, datatype: str) -> Sequence[int]:
@@ -72,21 +105,70 @@ def parse_result(result: InferResult, detokenizer: Any = None) -> TritonResponse
     """One streamed response, read from its raw tensors (Triton's gRPC always fills raw_output_contents)."""
     response = result.get_response()
     text = b""
-    num_input = num_output = None
+    num_input = num_output = reused = None
+    ids: Sequence[int] = ()
+    log_prob_raw: dict[str, tuple[bytes, Any]] = {}
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         name = output.name
         if name == _OUTPUT_IDS:
             if detokenizer is not None:
-                text = detokenizer.token_bytes(_ints(raw, output.datatype))  # beam width 1
+                ids = _ints(raw, output.datatype)  # beam width 1
+                text = detokenizer.token_bytes(ids)
         elif name == _TEXT_OUTPUT:
             text = b"".join(deserialize_bytes_tensor(raw))
         elif name == _NUM_INPUT_TOKENS and raw:
             num_input = _ints(raw, output.datatype)[0]
         elif name == _NUM_OUTPUT_TOKENS and raw:
             num_output = _ints(raw, output.datatype)[0]
+        elif name == _REUSED_BLOCKS and raw:
+            reused = _ints(raw, output.datatype)[0]
+        elif name in _LOG_PROB_OUTPUTS:
+            log_prob_raw[name] = (raw, output)
     params = response.parameters
     final = "triton_final_response" in params and params["triton_final_response"].bool_param
-    return TritonResponse(text=text, num_input_tokens=num_input, num_output_tokens=num_output, final=final)
+    log_probs = _token_log_probs(ids, log_prob_raw, detokenizer) if log_prob_raw else None
+    return TritonResponse(
+        text=text,
+        num_input_tokens=num_input,
+        num_output_tokens=num_output,
+        final=final,
+        log_probs=log_probs,
+        reused_blocks=reused,
+    )
+
+
+def _floats(raw: bytes) -> array.array[float]:
+    values = array.array("f")
+    values.frombytes(raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
+
+
+def _token_log_probs(
+    ids: Sequence[int], outputs: Mapping[str, tuple[bytes, Any]], detokenizer: Any
+) -> tuple[TokenLogProb, ...]:
+    """The log probs of this response's tokens (the last len(ids) values: an echoed prompt comes first)."""
+    if detokenizer is None or Engine.OUTPUT_LOG_PROBS not in outputs:
+        return ()
+    values = _floats(outputs[Engine.OUTPUT_LOG_PROBS][0])
+    values = values[len(values) - len(ids) :] if ids else values[:0]
+    top_ids = top_values = None
+    k = 0
+    if Engine.TOP_LOG_PROB_IDS in outputs and Engine.TOP_LOG_PROBS in outputs:
+        raw_ids, spec = outputs[Engine.TOP_LOG_PROB_IDS]
+        top_ids = _ints(raw_ids, spec.datatype)
+        top_values = _floats(outputs[Engine.TOP_LOG_PROBS][0])
+        k = int(spec.shape[-1]) if spec.shape else 0
+    table = detokenizer.token_bytes
+    tokens = []
+    for i, (token, value) in enumerate(zip(ids, values, strict=True)):
+        top: tuple[tuple[bytes, float], ...] = ()
+        if top_ids is not None and top_values is not None and k:
+            row = range(i * k, (i + 1) * k)
+            top = tuple((table((top_ids[j],)), top_values[j]) for j in row)
+        tokens.append(TokenLogProb(table((token,)), value, top))
+    return tuple(tokens)
 
 
 def requested_outputs(wanted: Sequence[str], declared: frozenset[str]) -> list[InferRequestedOutput] | None:

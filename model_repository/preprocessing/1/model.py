@@ -9,7 +9,16 @@ from gemma3_core.preprocess import PrepError, prepare_request
 from gemma3_core.tokenizer import load_tokenizer
 from triton_io.contract import Preprocessing as P
 from triton_io.contract import VisionEncoder
-from triton_io.python_model import optional_blobs, optional_scalar, optional_strings, param, scalar, strings
+from triton_io.embedding_bias import dense_embedding_bias
+from triton_io.python_model import (
+    optional_blobs,
+    optional_scalar,
+    optional_strings,
+    param,
+    scalar,
+    strings,
+    tensor,
+)
 
 
 class TritonPythonModel:
@@ -42,6 +51,13 @@ class TritonPythonModel:
                 pad_id=optional_scalar(request, P.PAD_ID),
                 images=optional_blobs(request, P.IMAGES),
             )
+            bias_ids = tensor(request, P.EMBEDDING_BIAS_IDS)
+            bias = None
+            if bias_ids is not None and bias_ids.size:
+                weights = tensor(request, P.EMBEDDING_BIAS_WEIGHTS)
+                bias = dense_embedding_bias(
+                    bias_ids, weights if weights is not None else np.zeros(0), self.vocab_size
+                )
         except ValueError as exc:  # PrepError, missing inputs, undecodable text
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing: {exc}"))
         i32 = np.int32
@@ -54,6 +70,8 @@ class TritonPythonModel:
             pb_utils.Tensor(P.OUT_END_ID, np.array([[p.end_id]], dtype=i32)),
             pb_utils.Tensor(P.OUT_PAD_ID, np.array([[p.pad_id]], dtype=i32)),
         ]
+        if bias is not None:
+            out.append(pb_utils.Tensor(P.EMBEDDING_BIAS, bias[None, :]))
         if p.pixel_values is not None and p.extra_ids is not None:
             encoded = pb_utils.InferenceRequest(
                 model_name=self.vision_model,

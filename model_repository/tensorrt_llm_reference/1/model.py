@@ -11,9 +11,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cpu_engine.deployment import EngineParameters
-from cpu_engine.engine import GenerationRequest, ReferenceEngine, load_model
+from cpu_engine.engine import GenerationRequest, ReferenceEngine, TokenLogProbs, load_model
 from cpu_engine.lora_hooks import LoraHooks
-from triton_io.contract import Engine
+from triton_io.contract import TOP_LOG_PROBS_K, Engine
 from triton_io.engine_request import EngineRequest
 from triton_io.python_model import param
 
@@ -71,8 +71,12 @@ class TritonPythonModel:
         prompt = parsed.input_ids
         n_in = len(prompt)
         streaming, exclude_input = parsed.streaming, parsed.exclude_input
+        # The reference engine keeps no prefix cache: nothing of a prompt is ever reused.
+        perf_pending = [parsed.return_perf_metrics]
 
-        def sink(new_ids: list[int], final: bool, error: str | None) -> None:
+        def sink(
+            new_ids: list[int], final: bool, error: str | None, log_probs: TokenLogProbs | None = None
+        ) -> None:
             flags = FINAL if final else 0
             if error is not None:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=FINAL)
@@ -88,6 +92,11 @@ class TritonPythonModel:
             tensors.append(
                 pb_utils.Tensor(Engine.NUM_OUTPUT_TOKENS, np.array([[len(new_ids)]], dtype=np.int32))
             )
+            if log_probs is not None:
+                tensors += _log_prob_tensors(log_probs, len(out_ids) - len(new_ids))
+            if perf_pending[0]:
+                perf_pending[0] = False
+                tensors.append(pb_utils.Tensor(Engine.KV_CACHE_REUSED_BLOCKS, np.zeros((1, 1), np.int32)))
             sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
 
         return GenerationRequest(
@@ -105,6 +114,9 @@ class TritonPythonModel:
             guided=guided,
             is_cancelled=sender.is_cancelled,
             request_id=request.request_id(),
+            embedding_bias=None if parsed.embedding_bias is None else torch.from_numpy(parsed.embedding_bias),
+            return_log_probs=parsed.return_log_probs,
+            top_log_probs=TOP_LOG_PROBS_K,
         )
 
     def _guided(self, kind: str, text: str) -> Any:
@@ -118,3 +130,20 @@ class TritonPythonModel:
         )
         info = tokenizer_info_from_tokenizer_json(os.path.join(self.tokenizer_dir, "tokenizer.json"), width)
         return GuidedDecoder.create(kind, text, info)
+
+
+def _log_prob_tensors(log_probs: TokenLogProbs, prompt_len: int) -> list:
+    """`output_log_probs` [1, beams, tokens] (0 for echoed prompt tokens, as TensorRT-LLM leaves them)
+    and the top-k extension [1, tokens, k]."""
+    values = np.asarray([0.0] * prompt_len + log_probs.values, dtype=np.float32).reshape(1, 1, -1)
+    k = max((len(t) for t in log_probs.top_ids), default=0)
+    ids = np.zeros((1, len(log_probs.top_ids), k), dtype=np.int32)
+    top = np.full((1, len(log_probs.top_ids), k), -np.inf, dtype=np.float32)
+    for i, (row_ids, row_values) in enumerate(zip(log_probs.top_ids, log_probs.top_values, strict=True)):
+        ids[0, i, : len(row_ids)] = row_ids
+        top[0, i, : len(row_values)] = row_values
+    return [
+        pb_utils.Tensor(Engine.OUTPUT_LOG_PROBS, values),
+        pb_utils.Tensor(Engine.TOP_LOG_PROB_IDS, ids),
+        pb_utils.Tensor(Engine.TOP_LOG_PROBS, top),
+    ]
