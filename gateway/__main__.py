@@ -55,7 +55,13 @@ def main() -> None:
     try:
         if settings.workers > 1:
             # Workers are spawned processes: each builds its app from the same environment.
-            uvicorn.run("gateway.app:create_worker_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+            uvicorn.run(
+                "gateway.app:create_worker_app",
+                factory=True,
+                workers=settings.workers,
+                timeout_worker_healthcheck=settings.worker_healthcheck_timeout_s,
+                **common,  # type: ignore[arg-type]
+            )
         else:
             from gateway.app import create_app
 

@@ -40,6 +40,9 @@ class GatewaySettings(BaseSettings):
     # Worker processes (`python -m gateway`); more than one turns on prometheus_client's multiprocess
     # mode and splits the admission limits between the workers (worker_admission).
     workers: int = Field(default=1, ge=1, le=64)
+    # uvicorn's supervisor kills a worker that misses a ping for this long; its default (5 s) kills workers
+    # that are loading the tokenizer on a busy machine.
+    worker_healthcheck_timeout_s: int = Field(default=60, ge=1)
 
     # --- auth: `api_key` and `api_keys` are all accepted -----------------------------------------
     api_key: str | None = Field(
