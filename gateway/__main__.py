@@ -35,7 +35,8 @@ def main() -> None:
     from gateway.settings import GatewaySettings
 
     settings = GatewaySettings()
-    metrics_dir, created = _multiprocess_dir() if settings.workers > 1 else (None, False)
+    multiprocess = settings.workers > 1 or bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    metrics_dir, created = _multiprocess_dir() if multiprocess else (None, False)
     import uvicorn
 
     from gateway.logs import configure_logging

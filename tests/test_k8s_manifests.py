@@ -230,7 +230,33 @@ def test_gateway_targets_the_headless_service(overlay: str, monkeypatch: pytest.
     # The gateway reads that variable (its settings, not a name made up here).
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert GatewaySettings().grpc_url == expected
+    settings = GatewaySettings()
+    assert settings.grpc_url == expected
+    # ... and resolves it to one backend per pod (gateway/triton/pool.py).
+    from gateway.triton.pool import Targets
+
+    assert Targets.parse(settings.grpc_url).dns_host == f"{svc['metadata']['name']}.{ns}.svc.cluster.local"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_workers_have_cores_and_a_metrics_directory(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several workers need prometheus_client's multiprocess directory on a writable, per-pod volume, and a
+    CPU request of at least one core per worker."""
+    docs = rendered(overlay)
+    deployment = one(docs, "Deployment", "gateway")
+    gateway = container(deployment, "gateway")
+    env = environment(docs, gateway)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    workers = GatewaySettings().workers
+    assert float(gateway["resources"]["requests"]["cpu"]) >= workers
+    if workers > 1:
+        directory = env["PROMETHEUS_MULTIPROC_DIR"]
+        mount = next(m for m in gateway["volumeMounts"] if m["mountPath"] == directory)
+        volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
+        assert "emptyDir" in volume and not mount.get("readOnly")
 
 
 def test_cpu_overlay_is_the_all_in_one_pod() -> None:
