@@ -126,7 +126,7 @@ class GatewayMetrics:
         if multiprocess_dir() is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()  # every worker's values, read from the shared directory
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
 
 
@@ -138,7 +138,7 @@ def multiprocess_dir() -> str | None:
 def worker_exited(pid: int) -> None:
     """Drop a finished worker's live gauges (its counters and histograms stay summed)."""
     if multiprocess_dir() is not None:
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class RequestCounterMiddleware:

@@ -16,7 +16,7 @@ from gateway.triton.errors import ErrorKind, TritonError
 from gateway.triton.pool import BackendPool, Targets
 from gateway.triton.tensors import TritonResponse
 from tests.fixtures.asgi import gateway_client
-from tests.fixtures.backends import END, USER, AlwaysReadyBackend, Scripted, ticks, tok
+from tests.fixtures.backends import USER, AlwaysReadyBackend, Scripted, ticks, tok
 
 
 class Down(AlwaysReadyBackend):
@@ -32,8 +32,9 @@ class Down(AlwaysReadyBackend):
 
     async def generate(self, prompt: str, values: Any, request_id: str) -> AsyncIterator[TritonResponse]:
         self.calls += 1
+        for response in ():  # an async generator that fails before its first response
+            yield response
         raise TritonError(ErrorKind.UNAVAILABLE, f"Triton at {self.url} is unreachable (unavailable)")
-        yield END  # pragma: no cover - makes this an async generator
 
 
 def pool_of(backends: dict[str, Any], metrics: GatewayMetrics | None = None) -> BackendPool:
