@@ -41,3 +41,6 @@ _.do_GET
 _.log_message
 _.daemon_threads
 _.should_exit
+
+# uvicorn imports the worker app factory by its dotted name (`python -m gateway` with several workers).
+_.create_worker_app

@@ -248,4 +248,9 @@ def create_worker_app() -> FastAPI:
 
     settings = GatewaySettings()
     configure_logging(settings.log_level, settings.log_format)
+    # `access_log=False` only silences uvicorn's access logger in the supervisor process; a spawned worker
+    # gets a fresh one (AccessLogMiddleware writes the access log, with request ids).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
     return create_app(settings)
