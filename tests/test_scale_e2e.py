@@ -226,14 +226,17 @@ async def test_replica_killed_under_load_then_restarted(
 async def test_lora_on_a_replica_that_never_saw_the_adapter(
     replicas: list[DoubleTriton], gateways: Gateways
 ) -> None:
-    """Each gateway sends the weights once; every other replica (the restarted one included: a fresh
-    process) answers the id alone with TensorRT-LLM's cache-miss error and the resend repairs it."""
+    """The one-worker gateway sends the weights with its first LoRA request, to one replica; its next
+    requests rotate over the others, which have never seen the adapter (no gateway used it before, and one
+    of them was just restarted): they answer the id alone with TensorRT-LLM's cache-miss error, and the
+    gateway resends to that same replica with the weights. Then the other gateway's workers do the same."""
     before = [engine_successes(r) for r in replicas]
     async with httpx.AsyncClient(timeout=60) as client:
-        for i in range(12):  # sequential: the least-loaded choice rotates over the replicas
-            r = await stream_chat(client, gateways.urls[i % 2], 5, model="ad1")
-            assert r.status == 200 and r.done and not r.errors and r.finish == "length", r
+        for url in gateways.urls:
+            for _ in range(6):  # sequential: the least-loaded choice rotates over the replicas
+                r = await stream_chat(client, url, 5, model="ad1")
+                assert r.status == 200 and r.done and not r.errors and r.finish == "length", r
     served = [engine_successes(r) - b for r, b in zip(replicas, before, strict=True)]
     assert all(s >= 1 for s in served), served
-    resends = sum(log.read_text().count("not cached by the engine; resending") for log in gateways.logs)
-    assert resends >= 2, resends  # at least one replica per gateway had never seen the adapter
+    resends = gateways.logs[0].read_text().count("not cached by the engine; resending")
+    assert resends >= 1, "no LoRA request reached a replica without the adapter"
