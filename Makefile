@@ -60,7 +60,7 @@ test: system-deps $(STAMP)
 test-e2e: $(STAMP)
 	$(PY) -m pytest -q -m e2e --timeout=900 $(PYTEST_ARGS)
 
-bench: system-deps $(STAMP)  ## ~5 min on 2 cores; perf_analyzer etc. go into .venv-bench, not the runtime venv
+bench: system-deps $(STAMP)  ## ~8 min on 2 cores; perf_analyzer etc. go into .venv-bench, not the runtime venv
 	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libb64.so.0d && apt-get install -y -qq libb64-0d >/dev/null || true
 	$(PY) -m benchmarks.run_all
 

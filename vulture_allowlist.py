@@ -67,3 +67,6 @@ _.engine_text_tokens
 _.NORMALIZATION
 _.SOFTMAX
 _.REDUCE
+
+# uvicorn imports the worker app factory by its dotted name (`python -m gateway` with several workers).
+_.create_worker_app

@@ -162,6 +162,24 @@ def plot_real(real: list[dict[str, Any]], bare: dict[str, Any] | None, out: Path
     plt.close(fig)
 
 
+def scale_out_section(lines: list[dict[str, Any]]) -> list[str]:
+    """benchmarks/scale_out.py: replicas, gateway workers, the gateway over the gRPC floor (docs/scale.md)."""
+    if not lines:
+        return []
+    out = ["## Scale-out (benchmarks/scale_out.py)", "", "| phase | figure | target |", "|---|---|---|"]
+    for r in lines:
+        if "ratio_3_over_1" in r:
+            out.append(f"| 3 paced replicas / 1, one gateway | {r['ratio_3_over_1']}x | >= {r['target']}x |")
+        elif "ratio" in r:
+            out.append(f"| W workers / 1, unpaced ({r['cores']} cores) | {r['ratio']}x | >= {r['target']}x |")
+        elif "added_us_per_token" in r:
+            out.append(
+                f"| gateway CPU over the gRPC floor, 32 paced streams | {r['added_us_per_token']} us/token "
+                f"({r['gateway_cpu_us_per_token']} vs {r['floor_cpu_us_per_token']}) | <= {r['goal_us']} us |"
+            )
+    return [*out, ""]
+
+
 def main(results_path: str, md_path: str) -> int:
     res = json.loads(Path(results_path).read_text())
     md = Path(md_path)
@@ -368,6 +386,7 @@ def main(results_path: str, md_path: str) -> int:
             ),
             "",
         ]
+    L += scale_out_section(res.get("scale_out", []))
     L += GPU_SECTION
     md.write_text("\n".join(L) + "\n")
     return 0

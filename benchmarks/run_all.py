@@ -448,6 +448,17 @@ def phase_llama_cpp(cfg: Config, prompts: list[str], gguf: str) -> None:
 # --- environment facts --------------------------------------------------------------------------------
 
 
+def phase_scale_out(cfg: Config) -> None:
+    """benchmarks/scale_out.py's three measurements, each in its own processes (servers start and stop)."""
+    log("phase 6: scale-out (3 replicas vs 1, gateway workers, gateway over the gRPC floor)")
+    lines: list[dict[str, Any]] = []
+    for what in ("replicas", "workers", "overhead"):
+        cmd = [sys.executable, "-m", "benchmarks.scale_out", what]
+        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+        lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    cfg.results["scale_out"] = lines
+
+
 def machine_facts(pa: loads.PerfAnalyzer) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -528,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine_threads": cfg.engine_threads,
         }
         phase_fast_double(pa, cfg, prompts, str(art.tokenizer_dir))
+        phase_scale_out(cfg)
         if not args.skip_real:
             phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
             phase_bare(cfg, prompts, str(art.hf_dir))

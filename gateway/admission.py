@@ -4,6 +4,9 @@ A request weighs its `n` (each choice is one engine request). Waiters are served
 a waiter that is cancelled (client gone) or waits longer than `queue_timeout_s` leaves the queue. The
 permit is released exactly once, by `Generation.close()`, however the generation ends (finish, error,
 disconnect), so slots cannot leak. Single event loop, no locks needed.
+
+The limits are per process: with several workers each one admits its share of the gateway's limits
+(`GatewaySettings.worker_admission`), and the kernel spreads connections over the workers.
 """
 
 from __future__ import annotations
@@ -53,10 +56,16 @@ class AdmissionController:
         self.active = 0
         self._waiters: deque[_Waiter] = deque()
         self._active_gauge = Gauge(
-            "gateway_admission_active", "Engine requests admitted (choices)", registry=registry
+            "gateway_admission_active",
+            "Engine requests admitted (choices)",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self._waiting_gauge = Gauge(
-            "gateway_admission_waiting", "Requests waiting for admission", registry=registry
+            "gateway_admission_waiting",
+            "Requests waiting for admission",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self._rejected = Counter(
             "gateway_admission_rejected", "Requests answered 429", ["reason"], registry=registry

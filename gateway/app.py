@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,10 +26,11 @@ from gateway.completions import handle_completion
 from gateway.errors import ERROR_RESPONSES, APIError, install_error_handlers, model_card, model_not_found
 from gateway.logs import AccessLogMiddleware
 from gateway.lora import LoraService
-from gateway.metrics import GatewayMetrics, RequestCounterMiddleware
+from gateway.metrics import GatewayMetrics, RequestCounterMiddleware, worker_exited
 from gateway.responses_api import handle_responses
 from gateway.settings import GatewaySettings
 from gateway.triton.client import GenerationBackend, TritonStreamClient
+from gateway.triton.pool import BackendPool, Targets
 from gateway.validation import CHAT_SCHEMA, COMPLETION_SCHEMA, RESPONSES_SCHEMA, load_schema
 
 log = logging.getLogger("gateway")
@@ -58,6 +60,7 @@ class GatewayState:
         self.settings = settings
         self._backend = backend
         self._tokenizer = tokenizer
+        self._byte_detokenizer: Any = None
         self.metrics = GatewayMetrics(settings.model_id)
         self.started = int(time.time())
         self._chat: ChatService | None = None
@@ -67,12 +70,23 @@ class GatewayState:
     def backend(self) -> GenerationBackend:
         if self._backend is None:
             s = self.settings
-            self._backend = TritonStreamClient(
-                s.grpc_url,
-                s.triton_model,
-                s.triton_probe_timeout_s,
-                s.request_timeout_s,
-                detokenizer_loader=self._detokenizer if self.has_tokenizer else None,
+            loader = self._detokenizer if self.has_tokenizer else None
+
+            def client(address: str) -> GenerationBackend:
+                return TritonStreamClient(
+                    address,
+                    s.triton_model,
+                    s.triton_probe_timeout_s,
+                    s.request_timeout_s,
+                    detokenizer_loader=loader,
+                )
+
+            self._backend = BackendPool(
+                Targets.parse(s.grpc_url, s.triton_grpc_port),
+                client,
+                self.metrics,
+                s.triton_resolve_interval_s,
+                s.triton_max_backend_labels,
             )
         return self._backend
 
@@ -81,9 +95,12 @@ class GatewayState:
         return self._tokenizer is not None or self.settings.tokenizer_dir is not None
 
     def _detokenizer(self) -> Any:
-        from gemma3_core.detokenize import ByteDetokenizer
+        # One table for every backend's client (built once, read-only afterwards).
+        if self._byte_detokenizer is None:
+            from gemma3_core.detokenize import ByteDetokenizer
 
-        return ByteDetokenizer(self.tokenizer())
+            self._byte_detokenizer = ByteDetokenizer(self.tokenizer())
+        return self._byte_detokenizer
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -172,6 +189,7 @@ def create_app(
             yield
         finally:
             await state.aclose()
+            worker_exited(os.getpid())
 
     app = FastAPI(
         title="Gemma 3 OpenAI-compatible gateway",
@@ -281,3 +299,17 @@ def create_app(
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one worker process of `python -m gateway` (settings and logging from the environment)."""
+    from gateway.logs import configure_logging
+
+    settings = GatewaySettings()
+    configure_logging(settings.log_level, settings.log_format)
+    # `access_log=False` only silences uvicorn's access logger in the supervisor process; a spawned worker
+    # gets a fresh one (AccessLogMiddleware writes the access log, with request ids).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
+    return create_app(settings)

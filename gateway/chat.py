@@ -74,9 +74,10 @@ class ChatService:
         self.backend = backend
         self.metrics = metrics
         self._tokenizer_loader = tokenizer_loader
+        concurrent, queued = settings.worker_admission()
         self.admission = AdmissionController(
-            settings.max_concurrent_requests,
-            settings.max_queued_requests,
+            concurrent,
+            queued,
             settings.queue_timeout_s,
             settings.retry_after_s,
             metrics.registry,

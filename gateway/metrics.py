@@ -1,13 +1,19 @@
 """Prometheus metrics of the gateway (one registry per app, so tests can build several apps).
 
 Names follow vLLM/TRT-LLM conventions with a `gateway_` prefix so they sit next to Triton's `nv_*` metrics.
+
+With several worker processes (`GATEWAY_WORKERS`), prometheus_client's multiprocess mode is on
+(`PROMETHEUS_MULTIPROC_DIR`, set by `python -m gateway` before the workers start): every worker writes its
+values to files there and `/metrics`, answered by any one worker, sums them. Gauges say how they combine
+across workers (`multiprocess_mode`); outside multiprocess mode that argument is ignored.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # TTFT spans a CPU reference model (seconds) and a GPU 27B (tens of ms); ITL is milliseconds to a second.
@@ -64,6 +70,34 @@ class GatewayMetrics:
             "Chat completions being generated",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        # Per Triton backend (gateway/triton/pool.py); the label set is bounded there.
+        self.backend_streams = Counter(
+            "gateway_backend_streams",
+            "Engine streams started per Triton backend (retries included)",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.backend_retries = Counter(
+            "gateway_backend_retries",
+            "Streams that failed before their first token and moved to another backend",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.backend_streams_in_flight = Gauge(
+            "gateway_backend_streams_in_flight",
+            "Engine streams in flight per Triton backend",
+            ["backend"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.backend_up = Gauge(
+            "gateway_backend_ready",
+            "1 while the gateway considers the Triton backend ready",
+            ["backend"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.disconnects = Counter(
             "gateway_client_disconnects",
@@ -75,8 +109,36 @@ class GatewayMetrics:
         self.model_ttft = self.ttft.labels(model)
         self.model_itl = self.itl.labels(model)
 
+    # --- gateway.triton.pool.BackendMetrics (per request, not per token) ----------------------------
+    def backend_started(self, backend: str) -> None:
+        self.backend_streams.labels(backend).inc()
+
+    def backend_retried(self, backend: str) -> None:
+        self.backend_retries.labels(backend).inc()
+
+    def backend_in_flight(self, backend: str, delta: int) -> None:
+        self.backend_streams_in_flight.labels(backend).inc(delta)
+
+    def backend_ready(self, backend: str, ready: bool) -> None:
+        self.backend_up.labels(backend).set(1 if ready else 0)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()  # every worker's values, read from the shared directory
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when prometheus_client runs in multiprocess mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a finished worker's live gauges (its counters and histograms stay summed)."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class RequestCounterMiddleware:

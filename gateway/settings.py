@@ -38,6 +38,12 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="larger bodies get a 413")
+    # Worker processes (`python -m gateway`); more than one turns on prometheus_client's multiprocess
+    # mode and splits the admission limits between the workers (worker_admission).
+    workers: int = Field(default=1, ge=1, le=64)
+    # uvicorn's supervisor kills a worker that misses a ping for this long; its default (5 s) kills workers
+    # that are loading the tokenizer on a busy machine.
+    worker_healthcheck_timeout_s: int = Field(default=60, ge=1)
 
     # --- auth: `api_key` and `api_keys` are all accepted -----------------------------------------
     api_key: str | None = Field(
@@ -53,8 +59,16 @@ class GatewaySettings(BaseSettings):
     log_prompts: bool = Field(default=False, description="debug: log rendered prompts (contain user data)")
 
     # --- Triton --------------------------------------------------------------------------------
+    # `host:port`, several `host:port,host:port`, or `dns:///name:port` (every address the name resolves
+    # to, re-resolved every `triton_resolve_interval_s`): gateway/triton/pool.py.
     triton_grpc_url: str | None = Field(
         default=None, validation_alias=AliasChoices("TRITON_GRPC_URL", "GATEWAY_TRITON_GRPC_URL")
+    )
+    triton_resolve_interval_s: float = Field(
+        default=2.0, gt=0, description="how often a DNS target is re-resolved and down backends re-probed"
+    )
+    triton_max_backend_labels: int = Field(
+        default=32, ge=1, description="distinct `backend` metric labels; further backends share `other`"
     )
     triton_grpc_port: int = Field(default=8001, validation_alias=AliasChoices("TRITON_GRPC_PORT"))
     triton_model: str = "ensemble"
@@ -118,6 +132,12 @@ class GatewaySettings(BaseSettings):
     def grpc_url(self) -> str:
         assert self.triton_grpc_url is not None  # filled by _default_url
         return self.triton_grpc_url
+
+    def worker_admission(self) -> tuple[int, int]:
+        """(concurrent, queued) one worker admits: its share of the gateway's limits, rounded up so the
+        workers together admit at least the configured limit (at most `workers - 1` more)."""
+        w = self.workers
+        return -(-self.max_concurrent_requests // w), -(-self.max_queued_requests // w)
 
     @property
     def served_model_ids(self) -> list[str]:

@@ -96,3 +96,21 @@ async def test_lora_bf16_engine_gets_float32_weights(adapters_dir: Path) -> None
     assert response.status_code == 200, response.text
     # tritonclient serializes BF16 from float32 (build_inputs casts to the declared type's numpy dtype).
     assert engine.calls[0][1]["lora_weights"].dtype == np.float32
+
+
+async def test_lora_adapter_works_on_every_replica(adapters_dir: Path) -> None:
+    """Three replicas, each with its own adapter cache: the weights go out once, and each replica that
+    never saw them answers with a cache miss that the resend (through the pool) repairs."""
+    from gateway.triton.pool import BackendPool, Targets
+
+    replicas = {f"r{i}:1": Engine(text="adapted", lora_cache=set()) for i in range(3)}
+    pool = BackendPool(Targets(addresses=tuple(replicas)), replicas.__getitem__, None, 60.0)
+    async with client(pool, lora_dir=adapters_dir) as c:
+        for _ in range(6):
+            response = await c.post("/v1/chat/completions", json={"model": "ad1", "messages": USER})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == "adapted"
+    task = stable_task_id("ad1")
+    for engine in replicas.values():
+        assert engine.lora_cache == {task}  # every replica got the weights and served the adapter
+        assert any("lora_weights" in values for _, values in engine.calls)

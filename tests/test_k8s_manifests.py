@@ -230,7 +230,33 @@ def test_gateway_targets_the_headless_service(overlay: str, monkeypatch: pytest.
     # The gateway reads that variable (its settings, not a name made up here).
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert GatewaySettings().grpc_url == expected
+    settings = GatewaySettings()
+    assert settings.grpc_url == expected
+    # ... and resolves it to one backend per pod (gateway/triton/pool.py).
+    from gateway.triton.pool import Targets
+
+    assert Targets.parse(settings.grpc_url).dns_host == f"{svc['metadata']['name']}.{ns}.svc.cluster.local"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_workers_have_cores_and_a_metrics_directory(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several workers need prometheus_client's multiprocess directory on a writable, per-pod volume, and a
+    CPU request of at least one core per worker."""
+    docs = rendered(overlay)
+    deployment = one(docs, "Deployment", "gateway")
+    gateway = container(deployment, "gateway")
+    env = environment(docs, gateway)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    workers = GatewaySettings().workers
+    assert float(gateway["resources"]["requests"]["cpu"]) >= workers
+    if workers > 1:
+        directory = env["PROMETHEUS_MULTIPROC_DIR"]
+        mount = next(m for m in gateway["volumeMounts"] if m["mountPath"] == directory)
+        volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"])
+        assert "emptyDir" in volume and not mount.get("readOnly")
 
 
 def test_cpu_overlay_is_the_all_in_one_pod() -> None:
@@ -372,7 +398,8 @@ def test_triton_runs_what_compose_runs(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", GPU_OVERLAYS)
 def test_window_size_shares(overlay: str) -> None:
     """TRTLLM_WINDOW_SIZE_SHARES: one share per distinct attention window, ascending windows, summing to
-    exactly 1 (TensorRT-LLM asserts it), close to each window's per-sequence need."""
+    exactly 1 (TensorRT-LLM asserts it), the split build_engine/gpu/kv_capacity.py computes for the
+    overlay's profile (what compose defaults to)."""
     docs = rendered(overlay)
     env = environment(docs, container(one(docs, "Deployment", "triton"), "triton"))
     shares = [float(s) for s in env["TRTLLM_WINDOW_SIZE_SHARES"].split(",")]
@@ -381,13 +408,9 @@ def test_window_size_shares(overlay: str) -> None:
     windows = sorted(set(pattern))
     assert len(shares) == len(windows)
     assert sum(shares) == 1.0
-    from gemma3_core import constants as C
+    from build_engine.gpu.kv_capacity import window_size_shares
 
-    layers = C.GEMMA3_27B.num_layers
-    per_window = {w: sum(1 for i in range(layers) if pattern[i % len(pattern)] == w) * w for w in windows}
-    total = sum(per_window.values())
-    for share, w in zip(shares, windows, strict=True):
-        assert abs(share - per_window[w] / total) < 0.01, (w, share)
+    assert shares == window_size_shares(profile)
 
 
 @pytest.mark.parametrize("overlay", GPU_OVERLAYS)

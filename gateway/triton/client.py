@@ -212,7 +212,11 @@ class TritonStreamClient:
                 yield response
                 if complete:
                     return
-            raise TritonError(ErrorKind.ENGINE, "Triton closed the stream before the final response")
+            # A stream that ends without the final response lost its server (killed, restarted): the
+            # same outage as a refused connection, so a backend pool may retry it if nothing was sent yet.
+            raise TritonError(
+                ErrorKind.UNAVAILABLE, f"Triton at {self.url} closed the stream before the final response"
+            )
         except grpc.aio.AioRpcError as exc:
             err = rpc_error(exc, self.url)
             if err.kind == ErrorKind.UNAVAILABLE:

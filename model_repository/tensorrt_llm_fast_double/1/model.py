@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from gemma3_core.lora import cache_miss_message
 from triton_io.contract import Engine
 from triton_io.engine_request import EngineRequest
 from triton_io.python_model import param
@@ -214,6 +215,10 @@ class TritonPythonModel:
         interval_s = float(param(config, "token_interval_us", "0")) / 1e6
         delay_s = float(param(config, "first_token_delay_us", "0")) / 1e6
         self.pacer = _Pacer(interval_s, delay_s, int(param(config, "max_active_requests", "8")))
+        # LoRA as TensorRT-LLM's PEFT cache behaves towards clients: an id is known once a request carried
+        # its weights, and an unknown id without weights fails with the engine's cache-miss text. The
+        # weights themselves are ignored (this is not a model).
+        self.lora_seen: set[int] = set()
         pb_utils.Logger.log_info(
             f"tensorrt_llm FAST TEST DOUBLE: token interval {interval_s * 1e6:.0f} us, "
             f"first token after {delay_s * 1e6:.0f} us (not a model; benchmarks only)"
@@ -234,6 +239,11 @@ class TritonPythonModel:
 
     def _parse(self, request: Any, sender: Any) -> _Stream:
         parsed = EngineRequest.from_triton(request, max_seq_len=self.max_seq_len, engine="the fast double")
+        if parsed.lora_task_id is not None:
+            if parsed.lora_weights is not None:
+                self.lora_seen.add(parsed.lora_task_id)
+            elif parsed.lora_task_id not in self.lora_seen:
+                raise ValueError(cache_miss_message(parsed.lora_task_id))
         return _Stream(
             sender=sender,
             prompt=parsed.input_ids,
