@@ -195,6 +195,15 @@ class CompletionRequest(GenerationRequest):
     prompts: list[str | list[int]] = field(default_factory=list)
 
 
+def _integral_to_int(value: Any) -> Any:
+    """Floats with no fractional part (which the schema accepts as integers) as ints, in nested lists."""
+    if isinstance(value, list):
+        return [_integral_to_int(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _as_fp32(value: float) -> float:
     return float(struct.unpack("f", struct.pack("f", value))[0])
 
@@ -527,7 +536,8 @@ def parse_completion_request(
     best_of = body.get("best_of")
     if best_of is not None and best_of != fields["n"] and best_of != 1:
         raise bad_request("best_of is not supported by this deployment", "best_of", "unsupported_parameter")
-    prompt = body["prompt"]
+    # JSON Schema counts 2.0 as an integer; the engine needs Python ints.
+    prompt = _integral_to_int(body["prompt"])
     # A string, a list of strings, a list of token ids, or a list of token-id lists (schema-checked).
     if isinstance(prompt, str):
         prompts: list[str | list[int]] = [prompt]

@@ -79,3 +79,17 @@ async def test_answers_match_openai_schema() -> None:
         body = (await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})).json()
     spec.check("CreateCompletionResponse", body)
     assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_integral_floats_are_token_ids() -> None:
+    """JSON Schema counts 1.0 as an integer, so such a prompt passes the schema and must parse as ids
+    (found by the fuzz test: it used to be a 500)."""
+    import json
+
+    from gateway.validation import parse_completion_request
+
+    settings = GatewaySettings(model_id=MODEL, model_aliases=[])
+    raw = json.dumps({"model": MODEL, "prompt": [1.0, 2]}).encode()
+    assert parse_completion_request(raw, settings, vocab_size=10).prompts == [[1, 2]]
+    nested = json.dumps({"model": MODEL, "prompt": [[0.0], [3]]}).encode()
+    assert parse_completion_request(nested, settings, vocab_size=10).prompts == [[0], [3]]
