@@ -55,7 +55,7 @@ serve: system-deps $(STAMP)
 	$(PY) -m stack.serve
 
 test: system-deps $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" --timeout=900 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu" --timeout=900 --durations=15 $(PYTEST_ARGS)
 
 test-e2e: $(STAMP)
 	$(PY) -m pytest -q -m e2e --timeout=900 $(PYTEST_ARGS)
