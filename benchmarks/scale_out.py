@@ -41,21 +41,18 @@ def replicas(
     work: Path, count: int, interval_us: int, batch: int, impl: str
 ) -> Iterator[list[TritonProcess]]:
     from build_engine import fast_double
-    from build_engine.cpu import cache_root, prepare, repository_values
-    from build_engine.render import render, values_for
 
-    art = prepare(cache_root())
-    values = {
-        **repository_values(art, max_batch_size=batch, max_seq_len=2048),
-        **fast_double.values(interval_us, interval_us, impl),
-    }
     servers: list[TritonProcess] = []
     try:
         for i in range(count):
-            repo = work / f"replica{i}" / "model_repository"
-            render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
-            if impl == "native":
-                fast_double.build_native(repo / "tensorrt_llm")
+            repo = fast_double.render_repository(
+                work / f"replica{i}" / "model_repository",
+                interval_us,
+                max_batch_size=batch,
+                max_seq_len=2048,
+                implementation=impl,
+                first_token_delay_us=interval_us,
+            )
             servers.append(start(repo, ports=TritonPorts.free()))
         for server in servers:
             server.wait_ready(300)

@@ -70,3 +70,27 @@ def build_native(model_dir: Path) -> Path:
     if proc.returncode != 0:
         raise NativeBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return out
+
+
+def render_repository(
+    out: Path,
+    interval_us: int,
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    implementation: str = "python",
+    first_token_delay_us: int = 0,
+) -> Path:
+    """The CPU ensemble around the double, rendered at `out` (the CPU artifacts are prepared first; the
+    native library is compiled into it when asked for)."""
+    from build_engine.cpu import prepare, repository_values
+    from build_engine.render import render, values_for
+
+    rendered = {
+        **repository_values(prepare(), max_batch_size=max_batch_size, max_seq_len=max_seq_len),
+        **values(interval_us, first_token_delay_us, implementation),
+    }
+    render("cpu-fast-double", out, values_for("cpu-fast-double", rendered))
+    if implementation == "native":
+        build_native(out / "tensorrt_llm")
+    return out
