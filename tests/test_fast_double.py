@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from build_engine import fast_double
-from build_engine.cpu import cache_root, prepare, repository_values
+from build_engine.cpu import cache_root
 from build_engine.fast_double import TOKEN_CYCLE, TOKEN_CYCLE_TEXT
-from build_engine.render import render, values_for
 
 pytestmark = pytest.mark.e2e
 
@@ -38,17 +37,15 @@ def _cycle_bytes(n: int) -> bytes:
 
 
 def _serve(tmp_path_factory: pytest.TempPathFactory, implementation: str) -> Iterator[Any]:
-    art = prepare(cache_root())
     from stack.triton_launcher import TritonPorts, start
 
-    values = {
-        **repository_values(art, max_batch_size=8, max_seq_len=256),
-        **fast_double.values(INTERVAL_US, implementation=implementation),
-    }
-    repo = tmp_path_factory.mktemp(f"fast_double_{implementation}") / "model_repository"
-    render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
-    if implementation == "native":
-        fast_double.build_native(repo / "tensorrt_llm")
+    repo = fast_double.render_repository(
+        tmp_path_factory.mktemp(f"fast_double_{implementation}") / "model_repository",
+        INTERVAL_US,
+        max_batch_size=8,
+        max_seq_len=256,
+        implementation=implementation,
+    )
     log = (repo.parent / "tritonserver.log").open("w")
     proc = start(
         repo,

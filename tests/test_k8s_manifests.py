@@ -708,16 +708,11 @@ def scrape(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 def double_triton(cpu_artifacts: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real tritonserver with the ensemble around the fast engine TEST DOUBLE (no weights to load)."""
     from build_engine import fast_double
-    from build_engine.cpu import repository_values
-    from build_engine.render import render, values_for
     from stack.triton_launcher import TritonPorts, start
 
-    values = {
-        **repository_values(cpu_artifacts, max_batch_size=8, max_seq_len=256),
-        **fast_double.values(2000),
-    }
-    repo = tmp_path_factory.mktemp("k8s_rules") / "model_repository"
-    render("cpu-fast-double", repo, values_for("cpu-fast-double", values))
+    repo = fast_double.render_repository(
+        tmp_path_factory.mktemp("k8s_rules") / "model_repository", 2000, max_batch_size=8, max_seq_len=256
+    )
     proc = start(repo, ports=TritonPorts.free())
     try:
         proc.wait_ready(timeout=180)
