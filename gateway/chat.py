@@ -109,10 +109,10 @@ class ChatService:
 
     async def prepare(self, raw: bytes) -> ChatContext:
         return await prepare(
-            raw, self.settings, self._encode_len, self.images, self.lora, await self._features()
+            raw, self.settings, self._encode_len, self.images, self.lora, await self.features()
         )
 
-    async def _features(self) -> DeploymentFeatures | None:
+    async def features(self) -> DeploymentFeatures | None:
         """What the engine can return, from the deployed configs (None while Triton is unreachable:
         the request then fails for that reason, not for a feature)."""
         try:

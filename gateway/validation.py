@@ -346,6 +346,28 @@ def _check_log_probs(body: dict[str, Any], features: DeploymentFeatures) -> tupl
     return logprobs, top
 
 
+def _completion_log_probs(body: dict[str, Any], features: DeploymentFeatures) -> tuple[bool, int]:
+    """Legacy `logprobs: N` (0..5, schema-checked; null: none): the sampled tokens' log probs plus the N most
+    likely tokens at each position. N = 0 asks for the sampled tokens only, which every engine that returns
+    log probs can do; N > 0 needs the top tokens."""
+    value = body.get("logprobs")
+    if value is None:
+        return False, 0
+    top = int(value)
+    if not features.log_probs:
+        raise bad_request(
+            "logprobs are not returned by this deployment's engine", "logprobs", "unsupported_parameter"
+        )
+    if top and not features.top_log_probs:
+        raise bad_request(
+            f"logprobs {top} asks for the most likely tokens, which this deployment's engine does not "
+            "return (it returns the sampled tokens' log probs only); send logprobs 0",
+            "logprobs",
+            "unsupported_parameter",
+        )
+    return True, top
+
+
 def _check_arguments(arguments: str | None, param: str) -> None:
     """A replayed call's `arguments`: a string holding a JSON object (empty means no arguments)."""
     if not arguments:
@@ -520,19 +542,24 @@ _COMPLETION_TEXT_FIELDS = ("model", "prompt", "stop", "user")
 
 
 def parse_completion_request(
-    raw: bytes, settings: GatewaySettings, model_known: ModelKnown = None, vocab_size: int | None = None
+    raw: bytes,
+    settings: GatewaySettings,
+    model_known: ModelKnown = None,
+    vocab_size: int | None = None,
+    features: DeploymentFeatures | None = None,
 ) -> CompletionRequest:
-    """`vocab_size`: the tokenizer's (token-id prompts need it; None: they are refused)."""
+    """`vocab_size`: the tokenizer's (token-id prompts need it; None: they are refused); `features`: what
+    the engine can return (None: not known yet, everything is accepted)."""
     body = _parse_body(raw, COMPLETION_SCHEMA, _COMPLETION_TEXT_FIELDS)
     fields = _generation_fields(body, settings, model_known)
     for name, why in (
+        # The engine returns no log probs for prompt tokens, so echo with logprobs could not be honest either.
         ("echo", "echo is not supported by this deployment"),
         ("suffix", "suffix (insertion) is not supported by this model"),
-        # Chat completions return log probs; the legacy format (token_logprobs, text_offset) is not built.
-        ("logprobs", "logprobs are returned by /v1/chat/completions only on this deployment"),
     ):
         if body.get(name):
             raise bad_request(why, name, "unsupported_parameter")
+    logprobs, top_logprobs = _completion_log_probs(body, features or DeploymentFeatures())
     best_of = body.get("best_of")
     if best_of is not None and best_of != fields["n"] and best_of != 1:
         raise bad_request("best_of is not supported by this deployment", "best_of", "unsupported_parameter")
@@ -563,7 +590,7 @@ def parse_completion_request(
             "prompt",
             "invalid_value",
         )
-    return CompletionRequest(**fields, prompts=prompts)
+    return CompletionRequest(**fields, prompts=prompts, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 # --- Responses API --------------------------------------------------------------------------------

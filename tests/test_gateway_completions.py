@@ -10,14 +10,15 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from gateway.completions import legacy_logprobs
 from gateway.settings import GatewaySettings
-from tests.fixtures.backends import TextEngine
+from tests.fixtures.backends import LogProbEngine, TextEngine
 from tests.fixtures.openai_spec import AsyncValidatingTransport, require_spec
 
 MODEL = "gemma-test"
 
 
-def sdk(engine: TextEngine, **settings: Any) -> openai.AsyncOpenAI:
+def sdk(engine: TextEngine | LogProbEngine, **settings: Any) -> openai.AsyncOpenAI:
     app = create_app(GatewaySettings(model_id=MODEL, model_aliases=[], **settings), backend=engine)
     transport = AsyncValidatingTransport(httpx.ASGITransport(app=app))
     http = httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30)
@@ -57,7 +58,7 @@ async def test_streaming_stop_and_length() -> None:
     [
         ({"echo": True}, "echo"),
         ({"suffix": "end"}, "suffix"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 2}, "logprobs"),  # this engine declares no log-prob outputs
         ({"best_of": 3}, "best_of"),
         ({"prompt": [1, 2, 3]}, "prompt"),  # token ids need the tokenizer (none here)
         ({"prompt": []}, "prompt"),
@@ -93,3 +94,118 @@ def test_integral_floats_are_token_ids() -> None:
     assert parse_completion_request(raw, settings, vocab_size=10).prompts == [[1, 2]]
     nested = json.dumps({"model": MODEL, "prompt": [[0.0], [3]]}).encode()
     assert parse_completion_request(nested, settings, vocab_size=10).prompts == [[0], [3]]
+
+
+# --- logprobs ---------------------------------------------------------------------------------------
+# "Hello €!" with the euro sign split over three byte-fallback tokens, then a stop string's worth more.
+PIECES = [b"Hel", b"lo", b" \xe2", b"\x82", b"\xac", b"!", b" END", b" more"]
+
+
+def _check_logprobs(text: str, lp: Any, top: int, start: int = 0) -> None:
+    """Tokens join to the text, offsets walk it, each map holds the sampled token and the `top` best."""
+    assert "".join(lp.tokens) == text
+    assert lp.text_offset == [start + len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens)
+    for token, value, best in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert best[token] == value  # the sampled token, always, under its `tokens` string
+        assert len(best) == max(top, 1)  # LogProbEngine's sampled token is the most likely one
+
+
+async def test_logprobs_non_streamed_with_prompts_and_n() -> None:
+    engine = LogProbEngine(PIECES)
+    client = sdk(engine)
+    done = await client.completions.create(
+        model=MODEL, prompt=["a", "b"], n=2, logprobs=3, stop=[" END"], max_tokens=16
+    )
+    assert len(done.choices) == 4
+    for choice in done.choices:
+        assert choice.text == "Hello €!"
+        assert choice.logprobs is not None
+        lp = choice.logprobs
+        _check_logprobs(choice.text, lp, top=3)
+        # A character split over byte-fallback tokens belongs to the token that completes it.
+        assert lp.tokens == ["Hel", "lo", " ", "", "€", "!"]
+        assert lp.token_logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6])
+        assert list(lp.top_logprobs[0]) == ["Hel", "alt1", "alt2"]  # the 3 best, best first
+        assert lp.top_logprobs[0]["alt2"] == pytest.approx(-2.1)
+    assert all(v.get("return_log_probs") for _, v in engine.calls)
+
+
+async def test_logprobs_zero_is_the_sampled_tokens_only() -> None:
+    client = sdk(LogProbEngine(PIECES[:2], top=False))  # a deployment without top tokens can answer it
+    done = await client.completions.create(model=MODEL, prompt="x", logprobs=0)
+    lp = done.choices[0].logprobs
+    assert lp is not None and lp.tokens == ["Hel", "lo"]
+    assert lp.top_logprobs == [{"Hel": pytest.approx(-0.1)}, {"lo": pytest.approx(-0.2)}]
+
+
+async def test_logprobs_streamed_match_non_streamed() -> None:
+    client = sdk(LogProbEngine(PIECES))
+    whole = (await client.completions.create(model=MODEL, prompt="x", logprobs=2, stop=[" END"])).choices[0]
+    stream = await client.completions.create(model=MODEL, prompt="x", logprobs=2, stop=[" END"], stream=True)
+    text, tokens, values, offsets, tops, finals = "", [], [], [], [], []
+    async for chunk in stream:
+        (choice,) = chunk.choices
+        assert choice.logprobs is not None  # every chunk, the finishing one included
+        _check_logprobs("".join(choice.logprobs.tokens), choice.logprobs, top=2, start=len("".join(tokens)))
+        text += choice.text
+        tokens += choice.logprobs.tokens
+        values += choice.logprobs.token_logprobs
+        offsets += choice.logprobs.text_offset
+        tops += choice.logprobs.top_logprobs
+        if choice.finish_reason is not None:
+            finals.append(choice.logprobs.tokens)
+    assert whole.logprobs is not None
+    assert text == whole.text == "".join(tokens)
+    assert (tokens, values, offsets, tops) == (
+        whole.logprobs.tokens,
+        whole.logprobs.token_logprobs,
+        whole.logprobs.text_offset,
+        whole.logprobs.top_logprobs,
+    )
+    assert finals == [[]]
+
+
+def test_top_logprobs_map_keeps_the_sampled_token_under_its_string() -> None:
+    """Up to N + 1 keys: the N best and the sampled token (not among them here), which is keyed by its
+    `tokens` string even when that is empty (a byte-fallback piece whose character is not complete)."""
+
+    def entry(token: str, data: bytes, value: float, top: list[tuple[bytes, float]]) -> dict[str, Any]:
+        alts = [{"token": b.decode("utf-8", "replace"), "logprob": v, "bytes": list(b)} for b, v in top]
+        return {"token": token, "logprob": value, "bytes": list(data), "top_logprobs": alts}
+
+    sampled_lower = entry("c", b"c", -3.0, [(b"a", -0.5), (b"b", -1.0)])
+    partial = entry("", b"\xe2", -0.2, [(b"\xe2", -0.2), (b"\xe3", -2.0), (b"\xe4", -2.5)])
+    out = legacy_logprobs([sampled_lower, partial], offset=4)
+    assert out["top_logprobs"] == [{"a": -0.5, "b": -1.0, "c": -3.0}, {"": -0.2, "\ufffd": -2.0}]
+    assert out["tokens"] == ["c", ""] and out["text_offset"] == [4, 5]
+    assert out["token_logprobs"] == [-3.0, -0.2]
+
+
+async def test_no_logprobs_unless_asked() -> None:
+    engine = LogProbEngine(PIECES[:3])
+    client = sdk(engine)
+    done = await client.completions.create(model=MODEL, prompt="x")
+    assert done.choices[0].logprobs is None
+    async for chunk in await client.completions.create(model=MODEL, prompt="x", stream=True):
+        assert chunk.choices[0].logprobs is None
+    assert not any(v.get("return_log_probs") for _, v in engine.calls)
+
+
+@pytest.mark.parametrize(
+    ("engine", "fields"),
+    [
+        (LogProbEngine(PIECES, top=False), {"logprobs": 1}),  # GPU: sampled tokens only
+        (LogProbEngine(PIECES, log_probs=False), {"logprobs": 0}),  # an ensemble streamed whole
+        (LogProbEngine(PIECES), {"logprobs": 0, "echo": True}),  # no log probs for prompt tokens
+    ],
+)
+async def test_logprobs_the_deployment_cannot_return_are_a_400(
+    engine: LogProbEngine, fields: dict[str, Any]
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await sdk(engine).completions.create(model=MODEL, prompt="x", **fields)
+    param = "echo" if "echo" in fields else "logprobs"
+    assert info.value.param == param  # type: ignore[attr-defined]
+    assert param in info.value.message
+    assert not engine.calls

@@ -17,7 +17,12 @@ from gateway.app import create_app
 from gateway.errors import APIError
 from gateway.settings import GatewaySettings
 from gateway.triton.tensors import TritonResponse
-from gateway.validation import parse_chat_request
+from gateway.validation import (
+    CompletionRequest,
+    DeploymentFeatures,
+    parse_chat_request,
+    parse_completion_request,
+)
 from tests.fixtures.asgi import asgi_client
 from tests.fixtures.backends import AlwaysReadyBackend
 
@@ -47,6 +52,9 @@ class CharTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
         return self._Encoding(text)
+
+    def get_vocab_size(self, **_options: bool) -> int:
+        return MAX_MODEL_LEN
 
 
 def _settings(**overrides: Any) -> GatewaySettings:
@@ -368,6 +376,53 @@ async def test_bad_request(
     if code is not None:
         assert error["code"] == code
     assert NoTriton.generated == before, "the request reached Triton"
+
+
+# Legacy completions' `logprobs`: an integer 0..5 or null. NoTriton declares no engine outputs (like an
+# ensemble streamed whole), so even a valid value is refused, naming `logprobs`.
+COMPLETION_LOGPROBS: list[tuple[str, Any, str | None]] = [
+    ("above-five", 6, None),
+    ("negative", -1, None),
+    ("fraction", 1.5, None),
+    ("string", "2", None),
+    ("bool-chat-style", True, None),  # chat's `logprobs: true` is not the legacy field
+    ("zero-without-engine-log-probs", 0, "unsupported_parameter"),
+    ("five-without-engine-log-probs", 5, "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "code"), COMPLETION_LOGPROBS, ids=[c[0] for c in COMPLETION_LOGPROBS]
+)
+async def test_completion_logprobs_rejected(
+    client: httpx.AsyncClient, name: str, value: Any, code: str | None
+) -> None:
+    before = NoTriton.generated
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "logprobs" and error["type"] == "invalid_request_error"
+    if code is not None:
+        assert error["code"] == code
+    assert NoTriton.generated == before, "the request reached Triton"
+
+
+def test_completion_logprobs_by_deployment() -> None:
+    """N > 0 needs the top tokens (the CPU reference engine); N = 0 only the sampled tokens' (GPU too)."""
+    cpu, gpu = DeploymentFeatures(), DeploymentFeatures(log_probs=True, top_log_probs=False)
+
+    def parse(value: Any, features: DeploymentFeatures) -> CompletionRequest:
+        raw = json.dumps({"model": MODEL, "prompt": "x", "logprobs": value}).encode()
+        return parse_completion_request(raw, _settings(), features=features)
+
+    assert (parse(5, cpu).logprobs, parse(5, cpu).top_logprobs) == (True, 5)
+    assert (parse(2.0, cpu).logprobs, parse(2.0, cpu).top_logprobs) == (True, 2)
+    assert (parse(0, gpu).logprobs, parse(0, gpu).top_logprobs) == (True, 0)
+    assert (parse(None, gpu).logprobs, parse(None, gpu).top_logprobs) == (False, 0)
+    with pytest.raises(APIError) as err:
+        parse(1, gpu)
+    assert err.value.status == 400 and err.value.param == "logprobs"
+    assert "logprobs 0" in err.value.message
 
 
 @pytest.mark.parametrize(
