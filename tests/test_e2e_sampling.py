@@ -14,6 +14,7 @@ import pytest
 
 from stack.triton_launcher import free_port
 from tests.fixtures.gateway import GatewayTarget, gateway_env, run_gateway
+from tests.fixtures.openai_spec import check_answer, require_spec
 from tests.fixtures.remote import local_only
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -78,6 +79,70 @@ def test_logprobs_streamed_match_non_streamed(sdk: openai.OpenAI) -> None:
     assert all(e.top_logprobs == [] for e in entries)  # top_logprobs left out: none
     assert usage is not None and usage.prompt_tokens_details is not None
     assert usage.prompt_tokens_details.cached_tokens == 0
+
+
+def _check_legacy(lp: Any, text: str, top: int) -> None:
+    """Legacy completions logprobs: tokens join to the text, offsets walk it, each map holds the sampled
+    token (under its `tokens` string) and the `top` most likely ones."""
+    assert lp is not None and "".join(lp.tokens) == text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens)
+    for token, value, best in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and best[token] == value
+        assert top <= len(best) <= top + 1 if top else best == {token: value}
+
+
+def test_completions_logprobs_sampled_tokens(sdk: openai.OpenAI, gateway: GatewayTarget) -> None:
+    """`logprobs: 0` (the sampled tokens only, which a GPU deployment returns too), streamed and not; every
+    answer is also checked against OpenAI's schema, explicitly here and by the `sdk` fixture."""
+    model = _model(sdk)
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    done = sdk.completions.create(model=model, prompt=prompts, logprobs=0, **GREEDY)
+    for choice in done.choices:
+        _check_legacy(choice.logprobs, choice.text, top=0)
+    assert done.usage is not None
+    assert sum(len(c.logprobs.tokens) for c in done.choices) == done.usage.completion_tokens  # type: ignore[union-attr]
+    text, tokens, values, offsets = "", [], [], []
+    for chunk in sdk.completions.create(model=model, prompt=prompts[1], logprobs=0, stream=True, **GREEDY):
+        for c in chunk.choices:
+            assert c.logprobs is not None
+            assert c.logprobs.text_offset == [
+                len("".join(tokens + c.logprobs.tokens[:i])) for i in range(len(c.logprobs.tokens))
+            ]
+            text += c.text
+            tokens += c.logprobs.tokens
+            values += c.logprobs.token_logprobs
+            offsets += c.logprobs.text_offset
+    whole = done.choices[1]
+    assert whole.logprobs is not None
+    assert text == whole.text == "".join(tokens)
+    assert (tokens, offsets) == (whole.logprobs.tokens, whole.logprobs.text_offset)
+    # The non-streamed prompts ran batched together: float rounding differs slightly from a batch of one.
+    assert values == pytest.approx(whole.logprobs.token_logprobs, abs=1e-4)
+    spec = require_spec()
+    with httpx.Client(base_url=gateway.url, headers=gateway.headers, timeout=300) as client:
+        checked = 0
+        for stream in (False, True):
+            body = {"model": model, "prompt": prompts[0], "logprobs": 0, "stream": stream, **GREEDY}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            ctype = response.headers.get("content-type", "")
+            checked += check_answer(spec, "/v1/completions", 200, ctype, response.content)
+    assert checked > 2
+
+
+def test_completions_top_logprobs(sdk: openai.OpenAI, gateway: GatewayTarget) -> None:
+    local_only(gateway, "logprobs > 0 needs the CPU reference engine's top-k extension")
+    done = sdk.completions.create(model=_model(sdk), prompt="Once upon a time", logprobs=5, **GREEDY)
+    (choice,) = done.choices
+    _check_legacy(choice.logprobs, choice.text, top=5)
+    assert choice.logprobs is not None and choice.logprobs.top_logprobs
+    for value, best in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs, strict=True):
+        assert max(best.values()) == pytest.approx(value)  # greedy: the sampled token is the likeliest
+        assert len(best) == 5 or "" in best or "\ufffd" in best  # string collisions only
+    with pytest.raises(openai.BadRequestError) as err:  # legacy range: 0..5
+        sdk.completions.create(model=_model(sdk), prompt="x", logprobs=6, max_tokens=1)
+    assert err.value.param == "logprobs"  # type: ignore[attr-defined]
 
 
 def test_no_logprobs_unless_asked(sdk: openai.OpenAI) -> None:
