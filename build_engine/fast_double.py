@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from build_engine.render import TEMPLATES_DIR
+from triton_io.contract import TOP_LOG_PROBS_K
 
 # "Hello, world! café 日本語 naïve 🙂€ über— tokens\n" in Gemma 3 ids (same vocabulary for 270M and 27B):
 # 464, 368, 410 are the byte-fallback pieces <0xE2><0x82><0xAC> of "€", so a character crosses responses.
@@ -42,6 +43,7 @@ def values(interval_us: int, first_token_delay_us: int = 0, implementation: str 
         "fast_double_first_token_delay_us": str(first_token_delay_us),
         "fast_double_backend": "python" if implementation == "python" else NATIVE_BACKEND,
         "fast_double_token_cycle": ",".join(map(str, TOKEN_CYCLE)),
+        "fast_double_top_log_probs_k": str(TOP_LOG_PROBS_K),
     }
 
 

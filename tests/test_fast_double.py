@@ -198,6 +198,31 @@ def test_cancellation_stops_generation(any_double: Any) -> None:
     assert _text(follow) == _cycle_bytes(2)
 
 
+def test_log_probs_only_with_return_log_probs(any_double: Any) -> None:
+    """Made-up log probs in the reference engine's shapes: output_log_probs [1, 1, tokens], the top-k
+    extension [1, tokens, k] (the token itself first, then the next cycle ids), k the contract's."""
+    from triton_io.contract import TOP_LOG_PROBS_K
+
+    inputs = {
+        "input_ids": np.array([[2, 9259, 1902]], dtype=np.int32),
+        "input_lengths": np.array([[3]], dtype=np.int32),
+        "request_output_len": np.array([[3]], dtype=np.int32),
+        "streaming": np.array([[True]], dtype=bool),
+    }
+    plain = _stream(any_double.grpc_url, "tensorrt_llm", inputs)
+    assert _count(plain, "output_ids") and all(r.as_numpy("output_log_probs") is None for r in plain)
+    asked = {**inputs, "return_log_probs": np.array([[True]], dtype=bool)}
+    results = [r for r in _stream(any_double.grpc_url, "tensorrt_llm", asked) if _count([r], "output_ids")]
+    assert len(results) == 3
+    for i, r in enumerate(results):
+        assert r.as_numpy("output_log_probs").tolist() == [[[-0.5]]]
+        ids, values = r.as_numpy("ext_top_log_prob_ids"), r.as_numpy("ext_top_log_probs")
+        assert ids.shape == values.shape == (1, 1, TOP_LOG_PROBS_K)
+        cycle = [TOKEN_CYCLE[(i + j) % len(TOKEN_CYCLE)] for j in range(TOP_LOG_PROBS_K)]
+        assert ids.reshape(-1).tolist() == cycle
+        assert values.reshape(-1).tolist() == [-0.5 - j for j in range(TOP_LOG_PROBS_K)]
+
+
 def test_direct_engine_contract_and_errors(double_server: Any) -> None:
     ids = np.array([[2, 9259, 1902]], dtype=np.int32)
     inputs = {

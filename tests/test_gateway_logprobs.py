@@ -32,7 +32,7 @@ def _engine_spec(target: str, tmp_path: Path) -> ModelSpec:
 
 @pytest.mark.parametrize(
     ("target", "log_probs", "top"),
-    [("cpu", True, True), ("gpu", True, False), ("cpu-fast-double", False, False)],
+    [("cpu", True, True), ("gpu", True, False), ("cpu-fast-double", True, True)],
 )
 def test_what_each_deployment_returns(target: str, log_probs: bool, top: bool, tmp_path: Path) -> None:
     spec = _engine_spec(target, tmp_path)

@@ -2,11 +2,15 @@
 
 It honours the request contract of TensorRT-LLM's backend as the CPU reference engine does (decoupled,
 `input_ids` / `request_output_len` / `streaming` / `end_id` / `min_tokens` / `stop_words_list` /
-`exclude_input_in_output` in; `output_ids`, `sequence_length`, `num_input_tokens`, `num_output_tokens`
-out; streaming responses carry only the new tokens; the last token travels with the final flag), but
+`exclude_input_in_output` / `return_log_probs` in; `output_ids`, `sequence_length`, `num_input_tokens`,
+`num_output_tokens` and, with `return_log_probs`, `output_log_probs` plus the top-k extension out;
+streaming responses carry only the new tokens; the last token travels with the final flag), but
 instead of running a network it emits a fixed cycle of real Gemma 3 token ids -- multi-byte characters and
 one character split over three byte-fallback tokens included -- at a configured pace. With it the cost of
 everything around the engine (ensemble steps, detokenization, gRPC, the gateway) becomes measurable.
+
+Log probs are made up (every token -0.5; its top-k list is the token and the next cycle ids, at -0.5 - j):
+the shapes and the per-token cost are the reference engine's, the numbers mean nothing.
 
 Pacing is an absolute schedule per request (first token after `first_token_delay_us`, then one every
 `token_interval_us`), so a loaded process falls behind instead of silently stretching the interval. One
@@ -38,6 +42,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 OUTPUTS = (Engine.OUTPUT_IDS, Engine.SEQUENCE_LENGTH, Engine.NUM_INPUT_TOKENS, Engine.NUM_OUTPUT_TOKENS)
 _OUTPUT_IDS, _SEQUENCE_LENGTH, _NUM_INPUT_TOKENS, _NUM_OUTPUT_TOKENS = OUTPUTS  # per-token: plain names
+LOG_PROB_OUTPUTS = (Engine.OUTPUT_LOG_PROBS, Engine.TOP_LOG_PROB_IDS, Engine.TOP_LOG_PROBS)
+LOG_PROB = -0.5  # every token's (made up: see the module docstring)
 # is_cancelled() is an IPC round trip to tritonserver; polling it per token would bill the double's own
 # work to the server we are measuring, so it is polled at most this often per request.
 CANCEL_POLL_S = 0.05
@@ -52,14 +58,27 @@ class _Cycle:
     ids: tuple[int, ...]
     # Prebuilt per-token tensors: building numpy arrays per response would be the double's dominant cost.
     arrays: dict[int, np.ndarray]
+    top_k: int = 0  # alternatives per token with return_log_probs (the engine contract's k)
 
     @classmethod
-    def parse(cls, text: str) -> _Cycle:
+    def parse(cls, text: str, top_k: int) -> _Cycle:
         ids = tuple(int(t) for t in text.split(","))
-        return cls(ids, {t: np.array([[[t]]], dtype=np.int32) for t in ids})
+        return cls(ids, {t: np.array([[[t]]], dtype=np.int32) for t in ids}, top_k)
 
     def at(self, pos: int) -> int:
         return self.ids[pos % len(self.ids)]
+
+    def log_prob_values(self, positions: list[int], prompt_len: int) -> dict[str, np.ndarray]:
+        """The log-prob tensors of the tokens at cycle `positions` (0 for an echoed prompt, as the engine)."""
+        values = np.array([[[0.0] * prompt_len + [LOG_PROB] * len(positions)]], dtype=np.float32)
+        k = self.top_k
+        ids = np.array([[[self.at(p + j) for j in range(k)] for p in positions]], dtype=np.int32)
+        top = np.tile(np.array([LOG_PROB - j for j in range(k)], dtype=np.float32), (1, len(positions), 1))
+        return {
+            Engine.OUTPUT_LOG_PROBS: values,
+            Engine.TOP_LOG_PROB_IDS: ids.reshape(1, len(positions), k),
+            Engine.TOP_LOG_PROBS: top.reshape(1, len(positions), k),
+        }
 
 
 @dataclass(eq=False)
@@ -73,9 +92,11 @@ class _Stream:
     exclude_input: bool
     stop_words: list[list[int]]
     n_in: np.ndarray
+    log_probs: bool  # return_log_probs, and the client asked for the log-prob outputs
     outputs: tuple[str, ...]  # the requested outputs this double produces
     cycle: _Cycle
     generated: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # cycle position of each generated token
     pos: int = 0
     first_due: float = 0.0
     next_poll: float = 0.0
@@ -157,11 +178,12 @@ def _send_error(st: _Stream, message: str) -> None:
 
 
 def _respond(st: _Stream, ids: list[int], final: bool) -> None:
+    echo = not (st.streaming or st.exclude_input)
     if st.streaming and len(ids) == 1:
         out, length = st.cycle.arrays[ids[0]], _ONE
         count = _ONE
     else:
-        row = ids if st.streaming or st.exclude_input else [*st.prompt, *ids]
+        row = [*st.prompt, *ids] if echo else ids
         out = np.asarray(row, dtype=np.int32).reshape(1, 1, -1)
         length = np.array([[out.shape[-1]]], dtype=np.int32)
         count = np.array([[len(ids)]], dtype=np.int32)
@@ -171,8 +193,11 @@ def _respond(st: _Stream, ids: list[int], final: bool) -> None:
         _NUM_INPUT_TOKENS: st.n_in,
         _NUM_OUTPUT_TOKENS: count,
     }
+    if st.log_probs:
+        positions = st.positions[len(st.positions) - len(ids) :] if ids else []
+        values.update(st.cycle.log_prob_values(positions, len(st.prompt) if echo else 0))
     # Only what the client asked for (Triton drops the rest anyway, after paying to carry it here).
-    tensors = [pb_utils.Tensor(name, values[name]) for name in st.outputs]
+    tensors = [pb_utils.Tensor(name, values[name]) for name in st.outputs if name in values]
     st.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
 
 
@@ -194,6 +219,7 @@ def _step(st: _Stream, now: float) -> bool:
         token = st.cycle.at(st.pos)  # min_tokens bans end_id: take the next id
         st.pos += 1
     st.generated.append(token)
+    st.positions.append(st.pos - 1)
     gen = st.generated
     stopped = len(gen) >= st.min_tokens and any(
         len(w) <= len(gen) and gen[-len(w) :] == w for w in st.stop_words
@@ -211,7 +237,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.max_seq_len = int(param(config, "max_seq_len"))
         self.vocab_size = int(param(config, "engine_vocab_size"))
-        self.cycle = _Cycle.parse(param(config, "token_cycle"))
+        self.cycle = _Cycle.parse(param(config, "token_cycle"), int(param(config, "top_log_probs_k", "0")))
         interval_s = float(param(config, "token_interval_us", "0")) / 1e6
         delay_s = float(param(config, "first_token_delay_us", "0")) / 1e6
         self.pacer = _Pacer(interval_s, delay_s, int(param(config, "max_active_requests", "8")))
@@ -239,6 +265,7 @@ class TritonPythonModel:
 
     def _parse(self, request: Any, sender: Any) -> _Stream:
         parsed = EngineRequest.from_triton(request, max_seq_len=self.max_seq_len, engine="the fast double")
+        requested = set(request.requested_output_names())
         if parsed.lora_task_id is not None:
             if parsed.lora_weights is not None:
                 self.lora_seen.add(parsed.lora_task_id)
@@ -254,6 +281,7 @@ class TritonPythonModel:
             exclude_input=parsed.exclude_input,
             stop_words=parsed.stop_words,
             n_in=np.array([[len(parsed.input_ids)]], dtype=np.int32),
-            outputs=tuple(n for n in OUTPUTS if n in set(request.requested_output_names())),
+            log_probs=parsed.return_log_probs and bool(LOG_PROB_OUTPUTS[0] in requested),
+            outputs=tuple(n for n in (*OUTPUTS, *LOG_PROB_OUTPUTS) if n in requested),
             cycle=self.cycle,
         )

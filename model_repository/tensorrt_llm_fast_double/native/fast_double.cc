@@ -12,6 +12,8 @@
 // `request_output_len`, `streaming` (must be true); responses carry one token each, drawn from the
 // `token_cycle` parameter, with `output_ids` [1, 1, 1], `sequence_length`, `num_input_tokens`,
 // `num_output_tokens` -- only those the request asks for -- and the last token travels with the final flag.
+// With `return_log_probs`, `output_log_probs` [1, 1, 1] and the top-k extension [1, 1, k] come along, with the
+// Python double's made-up values (every token -0.5; its top k: the token and the next cycle ids, at -0.5 - j).
 // Pacing is an absolute schedule per request as in the Python double; cancellation is polled every 50 ms.
 //
 // The Triton C API is declared here from its documentation (tritonbackend.h / tritonserver.h, API 1.x);
@@ -45,7 +47,7 @@ struct TRITONBACKEND_ResponseFactory;
 struct TRITONBACKEND_Output;
 
 enum TRITONSERVER_Error_Code { TRITONSERVER_ERROR_INTERNAL = 1, TRITONSERVER_ERROR_INVALID_ARG = 3 };
-enum TRITONSERVER_DataType { TRITONSERVER_TYPE_INT32 = 8 };
+enum TRITONSERVER_DataType { TRITONSERVER_TYPE_INT32 = 8, TRITONSERVER_TYPE_FP32 = 11 };
 enum TRITONSERVER_MemoryType {
   TRITONSERVER_MEMORY_CPU = 0,
   TRITONSERVER_MEMORY_CPU_PINNED = 1,
@@ -135,8 +137,14 @@ std::string Parameter(const std::string& json, const std::string& key, const std
   return json.substr(start, json.find('"', start) - start);
 }
 
-// Output names in the order they are written; `want` bit i = the request asked for kOutputs[i].
-constexpr const char* kOutputs[] = {"output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"};
+// Output names in the order they are written; `want` bit i = the request asked for kOutputs[i]. The last
+// three are sent only with return_log_probs.
+constexpr const char* kOutputs[] = {
+    "output_ids",       "sequence_length",      "num_input_tokens", "num_output_tokens",
+    "output_log_probs", "ext_top_log_prob_ids", "ext_top_log_probs"};
+constexpr unsigned kOutputCount = sizeof(kOutputs) / sizeof(kOutputs[0]);
+constexpr unsigned kLogProbOutputs = 0x70;  // bits 4-6
+constexpr float kLogProb = -0.5f;
 
 struct Stream {
   TRITONBACKEND_ResponseFactory* factory;
@@ -144,6 +152,7 @@ struct Stream {
   int32_t max_new;
   int32_t emitted = 0;
   unsigned want = 0;
+  bool log_probs = false;  // return_log_probs
   Clock::time_point first_due;
   Clock::time_point next_poll;
 };
@@ -157,8 +166,10 @@ struct Due {
 
 class Pacer {
  public:
-  Pacer(std::vector<int32_t> cycle, Clock::duration interval, Clock::duration first_delay, size_t max_active)
-      : cycle_(std::move(cycle)), interval_(interval), first_delay_(first_delay),
+  Pacer(
+      std::vector<int32_t> cycle, size_t top_k, Clock::duration interval, Clock::duration first_delay,
+      size_t max_active)
+      : cycle_(std::move(cycle)), top_k_(top_k), interval_(interval), first_delay_(first_delay),
         max_active_(std::max<size_t>(1, max_active)), thread_([this] { Run(); }) {
     pthread_setname_np(thread_.native_handle(), "fast-double");
   }
@@ -255,10 +266,10 @@ class Pacer {
         return true;
       }
     }
-    const int32_t token = cycle_[s->emitted % cycle_.size()];
+    const size_t position = s->emitted % cycle_.size();
     ++s->emitted;
     const bool last = s->emitted >= s->max_new;
-    if (!Send(s, token, last)) {
+    if (!Send(s, position, last)) {
       End(s);
       return true;
     }
@@ -269,37 +280,64 @@ class Pacer {
     return last;
   }
 
-  static bool Send(Stream* s, int32_t token, bool last) {
+  // One output of `response` holding `bytes` bytes of `data`; false (response deleted) on failure.
+  static bool Write(
+      TRITONBACKEND_Response* response, const char* name, TRITONSERVER_DataType datatype, const int64_t* shape,
+      uint32_t dims, const void* data, size_t bytes) {
+    TRITONBACKEND_Output* output = nullptr;
+    void* buffer = nullptr;
+    TRITONSERVER_MemoryType memory_type = TRITONSERVER_MEMORY_CPU;
+    int64_t memory_type_id = 0;
+    if (Failed(TRITONBACKEND_ResponseOutput(response, &output, name, datatype, shape, dims), "response output") ||
+        Failed(TRITONBACKEND_OutputBuffer(output, &buffer, bytes, &memory_type, &memory_type_id), "output buffer") ||
+        memory_type == TRITONSERVER_MEMORY_GPU) {
+      Failed(TRITONBACKEND_ResponseDelete(response), "response delete");
+      return false;
+    }
+    std::memcpy(buffer, data, bytes);
+    return true;
+  }
+
+  // Sends the token at cycle `position`; false when the response could not be made or sent.
+  bool Send(Stream* s, size_t position, bool last) {
     TRITONBACKEND_Response* response = nullptr;
     if (Failed(TRITONBACKEND_ResponseNewFromFactory(&response, s->factory), "new response")) return false;
-    const int32_t values[] = {token, 1, s->num_input, 1};
+    const int32_t values[] = {cycle_[position], 1, s->num_input, 1};
     const int64_t ids_shape[] = {1, 1, 1};
     const int64_t scalar_shape[] = {1, 1};
     for (unsigned i = 0; i < 4; ++i) {
       if (!(s->want & (1u << i))) continue;
-      TRITONBACKEND_Output* output = nullptr;
-      void* buffer = nullptr;
-      TRITONSERVER_MemoryType memory_type = TRITONSERVER_MEMORY_CPU;
-      int64_t memory_type_id = 0;
-      if (Failed(
-              TRITONBACKEND_ResponseOutput(
-                  response, &output, kOutputs[i], TRITONSERVER_TYPE_INT32, i == 0 ? ids_shape : scalar_shape,
-                  i == 0 ? 3 : 2),
-              "response output") ||
-          Failed(
-              TRITONBACKEND_OutputBuffer(output, &buffer, sizeof(int32_t), &memory_type, &memory_type_id),
-              "output buffer") ||
-          memory_type == TRITONSERVER_MEMORY_GPU) {
-        Failed(TRITONBACKEND_ResponseDelete(response), "response delete");
+      if (!Write(
+              response, kOutputs[i], TRITONSERVER_TYPE_INT32, i == 0 ? ids_shape : scalar_shape, i == 0 ? 3 : 2,
+              &values[i], sizeof(int32_t))) {
         return false;
       }
-      std::memcpy(buffer, &values[i], sizeof(int32_t));
+    }
+    if (s->log_probs && (s->want & kLogProbOutputs)) {
+      const int64_t top_shape[] = {1, 1, static_cast<int64_t>(top_k_)};
+      std::vector<int32_t> top_ids(top_k_);
+      std::vector<float> top_values(top_k_);
+      for (size_t j = 0; j < top_k_; ++j) {
+        top_ids[j] = cycle_[(position + j) % cycle_.size()];
+        top_values[j] = kLogProb - static_cast<float>(j);
+      }
+      if (((s->want & (1u << 4)) &&
+           !Write(response, kOutputs[4], TRITONSERVER_TYPE_FP32, ids_shape, 3, &kLogProb, sizeof(float))) ||
+          ((s->want & (1u << 5)) && !Write(
+                                        response, kOutputs[5], TRITONSERVER_TYPE_INT32, top_shape, 3,
+                                        top_ids.data(), top_k_ * sizeof(int32_t))) ||
+          ((s->want & (1u << 6)) && !Write(
+                                        response, kOutputs[6], TRITONSERVER_TYPE_FP32, top_shape, 3,
+                                        top_values.data(), top_k_ * sizeof(float)))) {
+        return false;
+      }
     }
     return !Failed(
         TRITONBACKEND_ResponseSend(response, last ? RESPONSE_COMPLETE_FINAL : 0, nullptr), "response send");
   }
 
   const std::vector<int32_t> cycle_;
+  const size_t top_k_;
   const Clock::duration interval_, first_delay_;
   const size_t max_active_;
   std::mutex mu_;
@@ -351,12 +389,13 @@ std::string Parse(TRITONBACKEND_Request* request, Stream* s) {
   if (!Scalar(request, "streaming", &streaming) || !streaming) {
     return "the native fast double streams only (streaming=true)";
   }
+  Scalar(request, "return_log_probs", &s->log_probs);  // optional: absent = false
   uint32_t count = 0;
   Failed(TRITONBACKEND_RequestOutputCount(request, &count), "output count");
   for (uint32_t i = 0; i < count; ++i) {
     const char* name = nullptr;
     if (Failed(TRITONBACKEND_RequestOutputName(request, i, &name), "output name")) continue;
-    for (unsigned k = 0; k < 4; ++k) {
+    for (unsigned k = 0; k < kOutputCount; ++k) {
       if (std::strcmp(name, kOutputs[k]) == 0) s->want |= 1u << k;
     }
   }
@@ -395,7 +434,8 @@ __attribute__((visibility("default"))) TRITONSERVER_Error* TRITONBACKEND_ModelIn
       return std::chrono::microseconds(std::stoll(Parameter(json, key, "0")));
     };
     pacer = new Pacer(
-        cycle, us("token_interval_us"), us("first_token_delay_us"),
+        cycle, std::stoul(Parameter(json, "top_log_probs_k", "0")), us("token_interval_us"),
+        us("first_token_delay_us"),
         std::stoul(Parameter(json, "max_active_requests", "8")));
   }
   catch (const std::exception& e) {
