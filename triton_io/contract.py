@@ -280,6 +280,12 @@ _ENGINE_LOG_PROB_OUTPUTS = (
     _t(Engine.KV_CACHE_REUSED_BLOCKS, INT32, 1, optional=True),  # with return_perf_metrics
 )
 
+_ENGINE_TOP_LOG_PROB_OUTPUTS = (
+    # [tokens, TOP_LOG_PROBS_K] each, with output_log_probs (this stack's extension)
+    _t(Engine.TOP_LOG_PROB_IDS, INT32, -1, -1, optional=True),
+    _t(Engine.TOP_LOG_PROBS, FP32, -1, -1, optional=True),
+)
+
 ENGINE = ModelContract(
     "tensorrt_llm_reference",
     "tensorrt_llm",
@@ -319,15 +325,18 @@ ENGINE = ModelContract(
     outputs=(
         *_ENGINE_BASE_OUTPUTS,
         *_ENGINE_LOG_PROB_OUTPUTS,
-        # [tokens, TOP_LOG_PROBS_K] each, with output_log_probs (this stack's extension)
-        _t(Engine.TOP_LOG_PROB_IDS, INT32, -1, -1, optional=True),
-        _t(Engine.TOP_LOG_PROBS, FP32, -1, -1, optional=True),
+        *_ENGINE_TOP_LOG_PROB_OUTPUTS,
     ),
 )
 # The same contract under the other implementations' templates: the fast test double, and NVIDIA's C++
 # backend on the GPU, which declares more tensors than the stack uses.
-# The double returns tokens only (no log probs); TensorRT-LLM lacks the top-k extension.
-FAST_DOUBLE = ModelContract("tensorrt_llm_fast_double", "tensorrt_llm", ENGINE.inputs, _ENGINE_BASE_OUTPUTS)
+# The double returns made-up log probs but no reuse statistics; TensorRT-LLM lacks the top-k extension.
+FAST_DOUBLE = ModelContract(
+    "tensorrt_llm_fast_double",
+    "tensorrt_llm",
+    ENGINE.inputs,
+    (*_ENGINE_BASE_OUTPUTS, _ENGINE_LOG_PROB_OUTPUTS[0], *_ENGINE_TOP_LOG_PROB_OUTPUTS),
+)
 TENSORRT_LLM = ModelContract(
     "tensorrt_llm",
     "tensorrt_llm",
