@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,10 @@ def ensemble_input_data(prompts: Sequence[str], max_tokens: int, min_tokens: int
     }
 
 
-def openai_input_data(messages: Sequence[str], model: str, max_tokens: int) -> dict[str, Any]:
+def openai_input_data(
+    messages: Sequence[str], model: str, max_tokens: int, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Streamed greedy chat requests; `extra`: more request fields (`logprobs`, ...)."""
     return {
         "data": [
             {
@@ -125,6 +128,7 @@ def openai_input_data(messages: Sequence[str], model: str, max_tokens: int) -> d
                         "temperature": 0,
                         "stream": True,
                         "stream_options": {"include_usage": True},
+                        **(extra or {}),
                     }
                 ]
             }

@@ -180,6 +180,77 @@ def scale_out_section(lines: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def logprobs_section(lp: dict[str, Any] | None) -> list[str]:
+    """The gateway streaming chat with log probs against without (benchmarks/run_all.py phase_logprobs)."""
+    runs = (lp or {}).get("runs") or []
+    if not lp or not runs:
+        return []
+
+    def of(path: str) -> list[dict[str, Any]]:
+        return [r for r in runs if r["path"] == path]
+
+    plain = _mean([cpu(r, "gateway") for r in of("gateway")])
+    rows = [
+        "| request | gateway CPU µs/token | × plain | tritonserver µs/token | perf_analyzer µs/token "
+        "| output tok/s | ITL p50 (ms) | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios: dict[str, float | None] = {}
+    for path, fields in lp["variants"].items():
+        rs = of(path)
+        gateway = _mean([cpu(r, "gateway") for r in rs])
+        ratios[path] = gateway / plain if gateway is not None and plain else None
+        shown = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in fields.items()) or "plain"
+        rows.append(
+            f"| {shown} | {fmt(gateway)} | {fmt(ratios[path], 2)} "
+            f"| {fmt(_mean([cpu(r, 'tritonserver') for r in rs]))} "
+            f"| {fmt(_mean([float(r.get('perf_analyzer_cpu_us_per_token') or 0) for r in rs]))} "
+            f"| {fmt(_mean([r['tokens_per_s'] for r in rs]))} "
+            f"| {fmt(_mean([r['itl_p50_ms'] for r in rs if r['itl_p50_ms'] is not None]), 2)} "
+            f"| {sum(r['errors'] for r in rs)} |"
+        )
+    alone = lp.get("measured_alone")
+    when = (
+        f"Measured on its own (`benchmarks/run_all.py --only logprobs`) on {alone['date']}, load average "
+        f"at start {' '.join(alone['loadavg_at_start'])}, not in the session above."
+        if alone
+        else "Measured in the same session as the tables above."
+    )
+    with_top = [k for k, fields in lp["variants"].items() if "top_logprobs" in fields]
+    top = max(with_top, key=lambda k: ratios.get(k) or 0.0, default=None)
+    summary = (
+        f"Log probs cost the gateway {fmt(ratios.get('gateway_logprobs'), 2)} × the plain stream's CPU per "
+        f"token with `logprobs` alone and up to {fmt(ratios.get(top), 2) if top else '–'} × with "
+        "`top_logprobs`"
+        if plain
+        else "No plain run to compare with."
+    )
+    rounds = len({r.get("round", 0) for r in runs})
+    return [
+        "## Log probs while streaming (fast double)",
+        "",
+        f"The gateway streaming chat, 32 streams × {runs[0]['max_tokens']} tokens, the "
+        f"{lp.get('implementation', 'native')} double paced at {lp['interval_us'] / 1000:g} ms/token; the "
+        "double returns made-up log probs in the reference engine's shapes (the sampled token's and the "
+        "top 20, which the gateway asks for only when a request has `logprobs`). The variants alternate over "
+        f"{rounds} round(s); each row is the mean over rounds; `× plain` = the gateway's CPU per streamed "
+        f"token over the plain stream's. {when}",
+        "",
+        *rows,
+        "",
+        f"{summary}: per token the gateway parses the extra tensors, decodes the top ids, builds the "
+        "`logprobs.content` entries and sends larger SSE chunks (tritonserver and the client pay for the "
+        "bigger messages too).",
+        "",
+        *run_table(runs),
+        "",
+    ]
+
+
 def main(results_path: str, md_path: str) -> int:
     res = json.loads(Path(results_path).read_text())
     md = Path(md_path)
@@ -344,6 +415,7 @@ def main(results_path: str, md_path: str) -> int:
             "",
         ]
     L += [*FINDINGS]
+    L += logprobs_section(res.get("logprobs"))
     if real:
         L += [
             "## Real model: Gemma 3 270M reference engine vs transformers generate",

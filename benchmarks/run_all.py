@@ -20,7 +20,11 @@ Phases (each starts its own tritonserver and gateway, on private ports):
 3. the real Gemma 3 270M reference engine: ensemble and gateway at concurrency 1 and 8;
 4. transformers generate on the same checkpoint and prompts (the floor), with no server running;
 5. llama.cpp (llama-cpp-python in `.venv-bench`) on the very same GGUF, in process, 1 and 8 streams
-   decoded together (benchmarks/llama_cpp_anchor.py): the CPU anchor, reported as ours / llama.cpp.
+   decoded together (benchmarks/llama_cpp_anchor.py): the CPU anchor, reported as ours / llama.cpp;
+then, on a double paced as in phase 1 (it returns made-up log probs in the reference engine's shapes):
+- logprobs: the gateway streaming chat with `logprobs` and `top_logprobs` 5 and 20 against without, 32
+  streams, the variants alternated over `logprob_rounds` rounds: the per-token cost log probs add
+  (`--only logprobs` runs just this phase).
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ WORK = REPO / "build" / "bench"
 DOCS = REPO / "docs"
 MODEL_ID = "gemma-3-270m"
 MESSAGES = loads.MESSAGES
+# Streamed chat through the gateway: plain, and with log probs (the per-token cost they add).
+GATEWAY_VARIANTS: dict[str, dict[str, Any]] = {
+    "gateway": {},
+    "gateway_logprobs": {"logprobs": True},
+    "gateway_top5": {"logprobs": True, "top_logprobs": 5},
+    "gateway_top20": {"logprobs": True, "top_logprobs": 20},
+}
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Config:
     c32_requests: int = 64
     real_c1_requests: int = 4
     real_c8_requests: int = 8
+    logprob_rounds: int = 2  # the log-prob variants run alternated, this many times each
     # One engine thread: the engine then has a core to itself while tritonserver, the gateway and
     # perf_analyzer share the other (as on a GPU server, where the engine does not compete with the
     # serving stack for compute); it also avoids OpenMP spin-waits on a shared 2-core machine.
@@ -197,8 +209,8 @@ def measure(
     group = stack.processes()
     if path == "grpc_floor":
         return measure_floor(stack, concurrency, requests, max_tokens, prompts, name)
-    if path == "gateway":
-        data = loads.openai_input_data(MESSAGES, MODEL_ID, max_tokens)
+    if path in GATEWAY_VARIANTS:
+        data = loads.openai_input_data(MESSAGES, MODEL_ID, max_tokens, GATEWAY_VARIANTS[path])
         kind, url, model = "openai", stack.gateway_url.removeprefix("http://"), MODEL_ID
     elif path == "engine":
         from gemma3_core.tokenizer import encode, load_tokenizer
@@ -364,6 +376,27 @@ def phase_fast_double(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], t
         cfg.results["fast_double_max_python"] = {"interval_us": 0, "runs": runs}
 
 
+def phase_logprobs(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
+    """The gateway streaming chat with and without log probs on one stack (the double paced as in phase 1,
+    32 streams); the variants alternate, round after round, so drift on a shared machine hits them alike."""
+    impl = double_implementation()
+    repo = double_repo("fd-logprobs", cfg.fd_interval_us, impl)
+    log(f"logprobs: gateway with and without log probs, {impl} double paced at {cfg.fd_interval_us} µs/token")
+    runs: list[dict[str, Any]] = []
+    with serve(repo, "fd-logprobs", tokenizer_dir, cfg.engine_threads) as stack:
+        warm(pa, stack, prompts, 16)
+        points = [(path, 32, cfg.c32_requests) for path in GATEWAY_VARIANTS]
+        for i in range(cfg.logprob_rounds):
+            for r in measure_paths(pa, stack, cfg.fd_tokens, prompts, f"fd-logprobs-r{i}", points):
+                runs.append({**r, "round": i})
+    cfg.results["logprobs"] = {
+        "interval_us": cfg.fd_interval_us,
+        "implementation": impl,
+        "variants": GATEWAY_VARIANTS,
+        "runs": runs,
+    }
+
+
 def phase_real(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenizer_dir: str) -> None:
     repo = render_repo("cpu", WORK / "repo-real" / "model_repository", {}, max_batch_size=8)
     log("phase 3: real Gemma 3 270M reference engine")
@@ -515,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-real", action="store_true", help="fast double phases only")
     parser.add_argument("--report-only", action="store_true", help="re-render docs from the last results")
+    parser.add_argument(
+        "--only",
+        choices=("logprobs",),
+        help="run this phase alone and merge it into the last results (re-rendered if they are complete)",
+    )
     args = parser.parse_args(argv)
     # `kill` must still stop the servers (the `serve` context managers), as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -523,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     results_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     pa = ensure_bench_env()
+    if args.only:
+        return run_only(args.only, pa, cfg, results_file, t0)
     if not args.report_only:
         from build_engine.cpu import prepare
         from gemma3_core.chat_template import render_chat
@@ -539,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine_threads": cfg.engine_threads,
         }
         phase_fast_double(pa, cfg, prompts, str(art.tokenizer_dir))
+        phase_logprobs(pa, cfg, prompts, str(art.tokenizer_dir))
         phase_scale_out(cfg)
         if not args.skip_real:
             phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
@@ -546,12 +587,38 @@ def main(argv: list[str] | None = None) -> int:
             phase_llama_cpp(cfg, prompts, str(art.gguf))
         cfg.results["elapsed_s"] = round(time.monotonic() - t0, 1)
         results_file.write_text(json.dumps(cfg.results, indent=1))
+    render_report(results_file, cfg.out_md)
+    log(f"wrote {cfg.out_md} in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def render_report(results_file: Path, out_md: Path) -> None:
     subprocess.run(
-        [str(BENCH_VENV / "bin" / "python"), "-m", "benchmarks.report", str(results_file), str(cfg.out_md)],
+        [str(BENCH_VENV / "bin" / "python"), "-m", "benchmarks.report", str(results_file), str(out_md)],
         cwd=REPO,
         check=True,
     )
-    log(f"wrote {cfg.out_md} in {time.monotonic() - t0:.0f} s")
+
+
+def run_only(phase: str, pa: loads.PerfAnalyzer, cfg: Config, results_file: Path, t0: float) -> int:
+    """One phase alone, merged into the last full results (docs re-rendered) or kept on its own."""
+    from build_engine.cpu import prepare
+    from gemma3_core.chat_template import render_chat
+
+    art = prepare()
+    prompts = [render_chat([{"role": "user", "content": m}]) for m in MESSAGES]
+    if results_file.exists():
+        cfg.results = json.loads(results_file.read_text())
+    cfg.results.setdefault("config", {"fast_double_tokens": cfg.fd_tokens})
+    if phase == "logprobs":
+        phase_logprobs(pa, cfg, prompts, str(art.tokenizer_dir))
+    cfg.results[phase]["measured_alone"] = machine_facts(pa)  # not in the full run's session
+    results_file.write_text(json.dumps(cfg.results, indent=1))
+    if "fast_double_paced" in cfg.results:
+        render_report(results_file, cfg.out_md)
+        log(f"wrote {cfg.out_md} in {time.monotonic() - t0:.0f} s")
+    else:
+        log(f"wrote {results_file}; no full run to render docs from (run `make bench`)")
     return 0
 
 
