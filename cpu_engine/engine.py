@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from cpu_engine import packed_linear
 from cpu_engine.kv_batch import PaddedKV
 from cpu_engine.sampling import Sampling, apply_penalties, ban_bad_words, sample_top_k_top_p
 
@@ -432,9 +433,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def load_model(hf_dir: str, threads: int | None = None) -> torch.nn.Module:
-    """The HF checkpoint in float32; torch uses `threads` threads (default: every available core)."""
+def load_model(hf_dir: str, threads: int | None = None, *, pack: bool = True) -> torch.nn.Module:
+    """The HF checkpoint in float32, its linear layers packed for oneDNN (`packed_linear`) unless `pack`
+    is False; torch uses `threads` threads (default: every available core)."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads or available_cores())
-    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if pack and packed_linear.available():
+        packed_linear.pack_linears(model)
+    return model

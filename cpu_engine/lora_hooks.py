@@ -74,7 +74,7 @@ class LoraHooks:
         dense_in_width: int | None = None,
         allowed_modules: Collection[str] | None = None,
     ) -> None:
-        self._targets: dict[tuple[str, int], torch.nn.Linear] = {}
+        self._targets: dict[tuple[str, int], Any] = {}  # torch.nn.Linear or PackedLinear
         for path, mod in model.named_modules():
             m = _TARGET_RE.match(path)
             if m is None or m["name"] not in HF_TO_TRTLLM or "vision" in m["prefix"]:
@@ -82,6 +82,7 @@ class LoraHooks:
             self._targets[(m["name"], int(m["layer"]))] = mod
         if not self._targets:
             raise LoraError("no Gemma decoder projections found in the model")
+        self._device = next(model.parameters()).device  # packed layers keep no regular weight
         self.dims: dict[str, tuple[int, int]] = {
             name: (int(mod.in_features), int(mod.out_features)) for (name, _), mod in self._targets.items()
         }
@@ -131,10 +132,9 @@ class LoraHooks:
         )
         deltas = {}
         for key, m in mats.items():
-            dev = self._targets[key].weight.device
             deltas[key] = (
-                torch.from_numpy(np.ascontiguousarray(m.a)).to(dev),
-                torch.from_numpy(np.ascontiguousarray(m.b)).to(dev),
+                torch.from_numpy(np.ascontiguousarray(m.a)).to(self._device),
+                torch.from_numpy(np.ascontiguousarray(m.b)).to(self._device),
                 float(m.scale),
             )
         return DecodedLora(task_id=int(task_id), deltas=deltas)
