@@ -251,6 +251,47 @@ def logprobs_section(lp: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def engine_steps_section(es: dict[str, Any] | None) -> list[str]:
+    """Phase 3a: decode-step cost by thread count and layer layout (benchmarks/engine_steps.py)."""
+    if not es:
+        return []
+    ms = {(r["layout"], r["threads"], r["rows"]): r["ms_per_step"] for r in es["runs"]}
+    threads = sorted({t for _, t, _ in ms})
+    rows = sorted({n for _, _, n in ms})
+    L = [
+        "## Reference engine: one decode step by thread count and layer layout",
+        "",
+        f"The model's forward alone (no server), {es['context']} cached tokens per row, median of "
+        f"{es['steps']} steps; {es['cores']} cores available. `packed` = linear layers packed once for "
+        "oneDNN (`cpu_engine/packed_linear.py`, what the engine runs), `plain` = `torch.nn.Linear`.",
+        "",
+        "| layout | threads | "
+        + " | ".join(f"{n} row(s): ms/step" for n in rows)
+        + " | "
+        + " | ".join(f"{n} row(s): row-tokens/s" for n in rows)
+        + " |",
+        "|---|---|" + "---|" * (2 * len(rows)),
+    ]
+    for layout in ("plain", "packed"):
+        for t in threads:
+            vals = [ms.get((layout, t, n)) for n in rows]
+            L.append(
+                f"| {layout} | {t} | "
+                + " | ".join(fmt(v) for v in vals)
+                + " | "
+                + " | ".join(fmt(n * 1000 / v if v else None) for n, v in zip(rows, vals, strict=True))
+                + " |"
+            )
+    best = max(threads, key=lambda t: sum(1 / ms[("packed", t, n)] for n in rows if ("packed", t, n) in ms))
+    gains = ", ".join(
+        f"{n} row(s) {fmt(ms[('plain', best, n)] / ms[('packed', best, n)], 2)}×"
+        for n in rows
+        if ("plain", best, n) in ms and ("packed", best, n) in ms
+    )
+    L += ["", f"Fastest thread count (packed): {best}. Packed over plain at {best} thread(s): {gains}.", ""]
+    return L
+
+
 def main(results_path: str, md_path: str) -> int:
     res = json.loads(Path(results_path).read_text())
     md = Path(md_path)
@@ -440,6 +481,7 @@ def main(results_path: str, md_path: str) -> int:
             "![real model](benchmarks/real_model.png)",
             "",
         ]
+    L += engine_steps_section(res.get("engine_steps"))
     anchor = res.get("llama_cpp")
     if anchor:
         L += [

@@ -17,6 +17,8 @@ Phases (each starts its own tritonserver and gateway, on private ports):
    plus three calibration paths -- perf_analyzer straight to `tensorrt_llm`, the Python gRPC floor, and
    `ensemble_ids` (the ensemble without postprocessing, rendered only here) -- which isolate the engine
    double, the cost of receiving a token in Python at all, and the detokenizer step;
+3a. the reference engine's model forwards alone (benchmarks/engine_steps.py): decode steps at 1 and 8 rows
+   for each thread count, with plain and packed linear layers;
 3. the real Gemma 3 270M reference engine: ensemble and gateway at concurrency 1 and 8;
 4. transformers generate on the same checkpoint and prompts (the floor), with no server running;
 5. llama.cpp (llama-cpp-python in `.venv-bench`) on the very same GGUF, in process, 1 and 8 streams
@@ -76,12 +78,17 @@ class Config:
     real_c1_requests: int = 4
     real_c8_requests: int = 8
     logprob_rounds: int = 2  # the log-prob variants run alternated, this many times each
-    # One engine thread: the engine then has a core to itself while tritonserver, the gateway and
-    # perf_analyzer share the other (as on a GPU server, where the engine does not compete with the
-    # serving stack for compute); it also avoids OpenMP spin-waits on a shared 2-core machine.
-    engine_threads: int = 1
+    # As deployed (REFERENCE_ENGINE_THREADS unset): every available core. Phase 3a measures the engine's
+    # steps at each thread count, so the choice is checked on every run.
+    engine_threads: int = field(default_factory=lambda: _available_cores())
     out_md: Path = DOCS / "benchmarks.md"
     results: dict[str, Any] = field(default_factory=dict)
+
+
+def _available_cores() -> int:
+    from cpu_engine.engine import available_cores
+
+    return available_cores()
 
 
 def log(msg: str) -> None:
@@ -98,7 +105,21 @@ def ensure_bench_env() -> loads.PerfAnalyzer:
     if not py.exists() or not stamp.exists() or stamp.read_text() != wanted:
         log(f"creating {BENCH_VENV} (perf_analyzer, libcudart, matplotlib) ...")
         subprocess.run(["/usr/bin/python3.11", "-m", "venv", str(BENCH_VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(BENCH_REQUIREMENTS)], check=True)
+        wheels = llama_cpp_wheel(py)
+        subprocess.run(
+            [
+                str(py),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--find-links",
+                str(wheels),
+                "-r",
+                str(BENCH_REQUIREMENTS),
+            ],
+            check=True,
+        )
         stamp.write_text(wanted)
     site = next((BENCH_VENV / "lib").glob("python3*/site-packages"))
     cuda_lib = site / "nvidia" / "cuda_runtime" / "lib"
@@ -108,6 +129,48 @@ def ensure_bench_env() -> loads.PerfAnalyzer:
         hint = "apt-get install -y libb64-0d" if "libb64" in probe.stderr else "see the error"
         raise SystemExit(f"perf_analyzer does not start ({hint}):\n{probe.stderr.strip()}")
     return pa
+
+
+def llama_cpp_wheel(py: Path) -> Path:
+    """A folder holding a llama-cpp-python wheel built for this machine (PyPI has only its sdist).
+
+    Compiling llama.cpp takes a long time on a small machine, so the wheel is kept in the model cache and
+    built once; only the library is built (no tools, tests, server or multimodal), for this CPU.
+    """
+    from build_engine.cpu import cache_root
+
+    wheels = cache_root() / "wheels"
+    wanted = next(
+        line.split("==")[1].strip()
+        for line in BENCH_REQUIREMENTS.read_text().splitlines()
+        if line.startswith("llama-cpp-python==")
+    )
+    if not any(wheels.glob(f"llama_cpp_python-{wanted}-*.whl")):
+        log(f"compiling llama-cpp-python {wanted} into {wheels} (once; it takes a while) ...")
+        flags = [
+            "-DGGML_NATIVE=ON",
+            "-DLLAVA_BUILD=OFF",
+            "-DLLAMA_CURL=OFF",
+            *(f"-DLLAMA_BUILD_{part}=OFF" for part in ("TESTS", "EXAMPLES", "SERVER", "TOOLS")),
+        ]
+        env = {
+            **os.environ,
+            "CMAKE_ARGS": " ".join(flags),
+            "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1),
+        }
+        cmd = [
+            str(py),
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(wheels),
+            f"llama-cpp-python=={wanted}",
+        ]
+        subprocess.run(cmd, check=True, env=env)
+    return wheels
 
 
 # --- servers ------------------------------------------------------------------------------------------
@@ -411,6 +474,15 @@ def phase_real(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenize
     cfg.results["real"] = {"runs": runs}
 
 
+def phase_engine_steps(cfg: Config, hf_dir: str) -> None:
+    log("phase 3a: the engine's decode steps alone (threads, packed layers)")
+    cmd = [sys.executable, "-m", "benchmarks.engine_steps", "--model-dir", hf_dir]
+    out = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    cfg.results["engine_steps"] = json.loads(out.stdout)
+
+
 def phase_bare(cfg: Config, prompts: list[str], hf_dir: str) -> None:
     log("phase 4: bare transformers generate (floor)")
     prompts_file = WORK / "prompts.json"
@@ -582,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_logprobs(pa, cfg, prompts, str(art.tokenizer_dir))
         phase_scale_out(cfg)
         if not args.skip_real:
+            phase_engine_steps(cfg, str(art.hf_dir))
             phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
             phase_bare(cfg, prompts, str(art.hf_dir))
             phase_llama_cpp(cfg, prompts, str(art.gguf))
