@@ -14,6 +14,7 @@ _.finalize
 
 # torch.nn.Module.__call__ runs forward; attributes assigned on a Module register submodules by name.
 _.forward
+_.extra_repr  # printed in the module's repr
 _.mlp
 _.q_norm
 _.k_norm
