@@ -6,6 +6,7 @@ the `docker compose` plugin. Skipped with the install line when neither is prese
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from build_engine.gpu.kv_capacity import ENV_VAR as SHARES_VAR
 from build_engine.gpu.kv_capacity import default_shares_env
 from build_engine.gpu.settings import ENV_DEFAULTS, SDK_IMAGE, TRITON_IMAGE_TAG, BuildSettings
+from gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -144,6 +146,33 @@ def test_window_size_shares_reach_triton_and_verify() -> None:
     want = default_shares_env("latency")
     assert s["triton"]["environment"][SHARES_VAR] == want
     assert s["builder"]["environment"][SHARES_VAR] == want  # verify runs in the builder container
+
+
+def _gateway_reads(environment: dict, monkeypatch: pytest.MonkeyPatch) -> GatewaySettings:
+    """The settings the gateway builds from the service's environment (and nothing from this process's)."""
+    for name in os.environ:
+        if name.startswith(("GATEWAY_", "TRITON_")):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    return GatewaySettings()
+
+
+def test_gateway_workers_default_to_the_settings_and_follow_the_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = GatewaySettings.model_fields["workers"].default
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    chosen = tmp_path / ".env"
+    chosen.write_text(f"GATEWAY_WORKERS={default + 2}\n")
+    # Both renders first: compose substitutes this process's variables, which _gateway_reads sets.
+    unset = config(env_file=empty)["services"]["gateway"]["environment"]
+    given = config(env_file=chosen)["services"]["gateway"]["environment"]
+    assert str(unset["GATEWAY_WORKERS"]) == str(default), "compose's default differs from gateway/settings.py"
+    assert _env_example()["GATEWAY_WORKERS"] == str(default)
+    assert _gateway_reads(unset, monkeypatch).workers == default
+    assert _gateway_reads(given, monkeypatch).workers == default + 2
 
 
 def test_python_backend_shm_fits_image_tensors() -> None:

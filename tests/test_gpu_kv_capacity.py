@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from build_engine.gpu import kv_capacity as kv
@@ -70,3 +72,64 @@ def test_parse_blocks_per_window_and_capacity() -> None:
     assert kv.parse_blocks_per_window("no such line") == {}
     other = "Blocks per window size:\n [windowSize=1024] {.primaryBlocks=7, .secondaryBlocks=1}\n"
     assert kv.parse_blocks_per_window(other) == {1024: 7}
+
+
+# --- capacity per GPU (docs/scale.md) ------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
+
+
+def test_kv_pool_is_the_profile_fraction_of_what_weights_and_runtime_leave() -> None:
+    # 0.9 x (80 - 17 - 4) GB; 0.92 x (48 - 21) GB
+    assert kv.kv_pool_bytes(80 * 10**9, PROFILES["latency"]) == 53_100_000_000
+    assert kv.kv_pool_bytes(48 * 10**9, PROFILES["throughput"]) == 24_840_000_000
+
+
+def test_concurrent_sequences_hand_checked() -> None:
+    lat = PROFILES["latency"]
+    pool = 53_100_000_000  # 80 GB, latency
+    # Global pool: 0.93 x 53.1e9 B / (10 layers x 32 tokens x 8 KiB) = 18838 blocks; 128k = 4096 blocks.
+    assert kv.concurrent_sequences(pool, [0.07, 0.93], 131_072, lat) == 4
+    # Equal halves: 26.55e9 B / 2621440 B = 10128 blocks -> 2 sequences of 128k.
+    assert kv.concurrent_sequences(pool, [0.5, 0.5], 131_072, lat) == 2
+    # 32k needs 1024 global blocks (18 fit) and 33 sliding ones (272 blocks: 8 fit): max_batch_size caps at 8.
+    assert kv.concurrent_sequences(pool, [0.07, 0.93], 32_768, lat) == lat.max_batch_size
+    # 48 GB: the sliding pool decides: 0.07 x 24.3e9 B / (52 x 32 x 8 KiB) = 124 blocks / 33 per sequence.
+    assert kv.concurrent_sequences(24_300_000_000, [0.07, 0.93], 4096, lat) == 3
+    # Throughput on 80 GB at 32k: 0.446 x 54.28e9 B = 9234 global blocks / 1024 per sequence.
+    thr = PROFILES["throughput"]
+    assert kv.concurrent_sequences(54_280_000_000, [0.554, 0.446], 32_768, thr) == 9
+    # Short sequences: no spare block in the sliding pool (a 512-token one is 16 blocks everywhere).
+    assert kv.concurrent_sequences(54_280_000_000, [0.554, 0.446], 512, thr) == thr.max_batch_size
+    assert kv.concurrent_sequences(54_280_000_000, [0.554, 0.446], 131_072, thr) == 0  # beyond max_seq_len
+    with pytest.raises(ValueError, match="window sizes"):
+        kv.concurrent_sequences(pool, [1.0], 4096, lat)
+
+
+def test_sequence_tokens_add_one_block_only_beyond_the_window() -> None:
+    assert kv.sequence_tokens(1000, 1024) == 1000
+    assert kv.sequence_tokens(1024, 1024) == 1024
+    assert kv.sequence_tokens(4096, 1024) == 1024 + kv.TOKENS_PER_BLOCK
+    assert kv.sequence_tokens(4096, 131_072) == 4096
+
+
+def test_docs_show_the_generated_capacity_table() -> None:
+    text = DOCS.read_text()
+    assert kv.DOC_BEGIN in text and kv.DOC_END in text, f"{DOCS} lost its generated capacity table"
+    shown = text.split(kv.DOC_BEGIN, 1)[1].split(kv.DOC_END, 1)[0].strip("\n")
+    regenerate = "regenerate it with `python -m build_engine.gpu.kv_capacity`"
+    assert shown == kv.capacity_markdown(), f"{DOCS} is stale: {regenerate}"
+    # The shares shown are the ones compose (latency) and .env.example (throughput) carry.
+    assert "latency (0.07, 0.93)" in shown
+    assert f"throughput ({kv.default_shares_env('throughput').replace(',', ', ')})" in shown
+
+
+def test_cli_prints_the_doc_block_and_shares_for_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kv.main([]) == 0
+    assert capsys.readouterr().out == f"{kv.DOC_BEGIN}\n{kv.capacity_markdown()}\n{kv.DOC_END}\n"
+    assert kv.main(["--gpu-gb", "48", "--profile", "latency"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    pool = kv.kv_pool_bytes(48 * 10**9, PROFILES["latency"])
+    shares = kv.window_size_shares(PROFILES["latency"], kv_bytes=pool)
+    assert out[0] == f"{kv.ENV_VAR}={kv.shares_env_value(shares)}"
+    # Sized for this pool, the sliding share holds a full batch of windows again.
+    assert out[1] == f"# concurrent sequences at 4k: {PROFILES['latency'].max_batch_size}"

@@ -448,8 +448,9 @@ def test_build_job_runs_what_compose_runs(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", GPU_OVERLAYS)
 def test_gateway_settings_match_compose(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gateways get compose's settings, except the Triton address (the headless Service, checked above)
-    and the keys (a Secret instead of GATEWAY_API_KEY in the environment)."""
+    """The gateways get compose's settings, except the Triton address (the headless Service, checked above),
+    the keys (a Secret instead of GATEWAY_API_KEY in the environment) and the worker count (one per core the
+    pod requests, checked above; compose keeps the settings' default)."""
     docs = rendered(overlay)
     gateway = container(one(docs, "Deployment", "gateway"), "gateway")
     env = environment(docs, gateway)
@@ -459,7 +460,7 @@ def test_gateway_settings_match_compose(overlay: str, monkeypatch: pytest.Monkey
         if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("engine-config")
     )
     for name, value in compose()["services"]["gateway"]["environment"].items():
-        if name in ("TRITON_GRPC_URL", "GATEWAY_API_KEY"):
+        if name in ("TRITON_GRPC_URL", "GATEWAY_API_KEY", "GATEWAY_WORKERS"):
             continue
         assert env[name] == compose_default(str(value), {"MODEL_ID": engine["MODEL_ID"]}), name
     assert {"secretRef": {"name": "gateway-api-keys"}} in gateway["envFrom"]
