@@ -36,9 +36,10 @@ _.model_config
 _.pytestmark
 _.pytest_plugins
 
-# http.server calls the handler's do_GET/log_message and reads the server's daemon_threads; uvicorn's Server
-# polls should_exit.
+# http.server calls the handler's do_GET/do_POST/log_message and reads the server's daemon_threads;
+# uvicorn's Server polls should_exit.
 _.do_GET
+_.do_POST
 _.log_message
 _.daemon_threads
 _.should_exit

@@ -6,10 +6,14 @@ a `first_token` event) and `response` (shaping the body or streaming the chunks)
 to Triton as gRPC metadata (`traceparent`), so Triton's own OpenTelemetry spans (`--trace-config
 mode=opentelemetry`) join the same trace.
 
-On when `OTEL_TRACES_EXPORTER` names an exporter (`console`, or `otlp` when
-opentelemetry-exporter-otlp is installed) and `OTEL_SDK_DISABLED` is not true; the SDK reads the rest
-(`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_ENDPOINT`, sampler…). Off, every helper here is a no-op that
-imports nothing and allocates nothing.
+On when `OTEL_TRACES_EXPORTER` names exporters (`otlp`, `console`, comma-separated) and `OTEL_SDK_DISABLED`
+is not true. `otlp` is OTLP over HTTP with the JSON encoding (`http/json`, what collectors accept on
+`/v1/traces` beside protobuf): the protobuf exporters need a protobuf release that tritonclient does not
+accept, so `OTEL_EXPORTER_OTLP_PROTOCOL` (or `_TRACES_PROTOCOL`) `http/protobuf` or `grpc` is refused with
+an error in the log rather than silently changed. The SDK and the exporter read the rest themselves
+(`OTEL_EXPORTER_OTLP_ENDPOINT`, `_HEADERS`, `_TIMEOUT`, `_COMPRESSION`, `OTEL_SERVICE_NAME`,
+`OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`…). Off, every helper here is a no-op that imports nothing and allocates
+nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 log = logging.getLogger("gateway.tracing")
 
 _tracer: Any = None  # an opentelemetry Tracer once configured; None = tracing off
+_provider: Any = None  # the SDK TracerProvider that made it
 
 
 def enabled() -> bool:
@@ -31,39 +36,67 @@ def enabled() -> bool:
 
 def configure(provider: Any) -> None:
     """Trace with `provider` (an SDK TracerProvider; tests pass one with an in-memory exporter)."""
-    global _tracer
+    global _tracer, _provider
+    _provider = provider
     _tracer = provider.get_tracer("gateway")
 
 
 def disable() -> None:
-    global _tracer
-    _tracer = None
+    """Stop tracing; the provider exports what it still holds and closes its exporters."""
+    global _tracer, _provider
+    if _provider is not None:
+        _provider.shutdown()
+    _tracer = _provider = None
+
+
+def flush(timeout_millis: int = 30_000) -> bool:
+    """Export the finished spans now (a batch processor otherwise waits for a full batch or its delay)."""
+    return _provider is None or bool(_provider.force_flush(timeout_millis))
 
 
 def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
-    """Turn tracing on if the OTEL_* variables ask for it; True when on."""
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
-    if exporter in ("", "none") or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    """Turn tracing on if the OTEL_* variables ask for it; True when on.
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "gemma3-gateway"}))
-    for name in (e.strip() for e in exporter.split(",")):
-        if name == "console":
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        elif name == "otlp":
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            except ImportError:
-                log.error("OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp installed")
-                continue
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        else:
-            log.error("unknown OTEL_TRACES_EXPORTER %r (console, otlp)", name)
+    `environ` chooses the exporters; the SDK and the exporter read their own settings from `os.environ`."""
+    names = environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    if names in ("", "none") or environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    exporters = [e for e in (_exporter(n.strip(), environ) for n in names.split(",")) if e is not None]
+    if not exporters:
+        return False  # each refusal is logged; spans nobody exports would only cost time
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        # Neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES named the service.
+        resource = resource.merge(Resource({SERVICE_NAME: "gemma3-gateway"}))
+    provider = TracerProvider(resource=resource)
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     configure(provider)
     return True
+
+
+def _exporter(name: str, environ: Mapping[str, str]) -> Any:
+    """The span exporter `OTEL_TRACES_EXPORTER` names (None, logged, for one this gateway cannot run)."""
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        log.error("unknown OTEL_TRACES_EXPORTER %r (otlp, console, none)", name)
+        return None
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    )
+    if protocol.strip().lower() not in ("", "http/json"):
+        log.error("OTLP protocol %r is not installed: the gateway exports OTLP as http/json", protocol)
+        return None
+    from opentelemetry.exporter.otlp.json.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
 
 
 @contextlib.contextmanager
