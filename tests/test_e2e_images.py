@@ -208,21 +208,32 @@ def hf_prompt_tokens(gateway: GatewayTarget, messages: list[dict[str, Any]], ima
 
 
 # --- happy paths -----------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("make", "media_type"), [(red_png, "image/png"), (noise_jpeg, "image/jpeg")], ids=["png", "jpeg"]
-)
-def test_data_url_counts_like_hf(
-    gateway: GatewayTarget, sdk: openai.OpenAI, make: Any, media_type: str
+@pytest.fixture(scope="module")
+def red_answer(gateway: GatewayTarget, sdk: openai.OpenAI) -> Any:
+    """The greedy answer to the red PNG as a data URL; the tests that send the same request by another
+    route (streamed, by http URL) compare with it instead of asking again (each image costs a prefill)."""
+    return greedy(sdk, gateway.model, ask(data_url(red_png())))
+
+
+def check_counts_like_hf(
+    gateway: GatewayTarget, messages: list[dict[str, Any]], data: bytes, completion: Any
 ) -> None:
-    data = make()
-    messages = ask(data_url(data, media_type))
-    completion = greedy(sdk, gateway.model, messages)
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert isinstance(completion.choices[0].message.content, str)
     assert completion.usage is not None
     # 256 soft tokens + boi/eoi + newlines per image: the engine saw the image.
     assert completion.usage.prompt_tokens == hf_prompt_tokens(gateway, messages, [data])
     assert completion.usage.prompt_tokens > 256
+
+
+def test_png_data_url_counts_like_hf(gateway: GatewayTarget, red_answer: Any) -> None:
+    check_counts_like_hf(gateway, ask(data_url(red_png())), red_png(), red_answer)
+
+
+def test_jpeg_data_url_counts_like_hf(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
+    data = noise_jpeg()
+    messages = ask(data_url(data, "image/jpeg"))
+    check_counts_like_hf(gateway, messages, data, greedy(sdk, gateway.model, messages))
 
 
 def test_two_images_in_one_message(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
@@ -243,19 +254,18 @@ def test_images_change_output_and_are_deterministic(gateway: GatewayTarget, sdk:
     assert text(red_png()) == red  # same image, greedy: same output
 
 
-def test_streaming_with_image(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
-    messages = ask(data_url(red_png()))
-    stream = greedy(sdk, gateway.model, messages, stream=True)
+def test_streaming_with_image(gateway: GatewayTarget, sdk: openai.OpenAI, red_answer: Any) -> None:
+    stream = greedy(sdk, gateway.model, ask(data_url(red_png())), stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert streamed == greedy(sdk, gateway.model, messages).choices[0].message.content
+    assert streamed == red_answer.choices[0].message.content
 
 
 def test_http_url_from_allow_listed_host(
-    gateway: GatewayTarget, allow_gateway: str, image_host: ImageHost
+    gateway: GatewayTarget, allow_gateway: str, image_host: ImageHost, red_answer: Any
 ) -> None:
     sdk = _sdk(allow_gateway)
     by_url = greedy(sdk, gateway.model, ask(image_host.url("/red.png")))
-    by_data = greedy(sdk, gateway.model, ask(data_url(red_png())))
+    by_data = red_answer
     assert by_url.choices[0].message.content == by_data.choices[0].message.content
     assert by_url.usage is not None and by_data.usage is not None
     assert by_url.usage.prompt_tokens == by_data.usage.prompt_tokens

@@ -35,6 +35,12 @@ def _check_entries(entries: list[Any], content: str) -> None:
     assert all(e.logprob <= 0 for e in entries)
 
 
+@pytest.fixture(scope="module")
+def greedy_logprobs(sdk: openai.OpenAI) -> Any:
+    """The greedy answer to ASK with log probs; two tests start from this same request, asked once."""
+    return sdk.chat.completions.create(model=_model(sdk), messages=ASK, logprobs=True, **GREEDY)
+
+
 def test_logprobs_non_streamed(sdk: openai.OpenAI, gateway: GatewayTarget) -> None:
     local_only(gateway, "top_logprobs > 0 needs the CPU reference engine's top-k extension")
     r = sdk.chat.completions.create(model=_model(sdk), messages=ASK, logprobs=True, top_logprobs=3, **GREEDY)
@@ -51,9 +57,9 @@ def test_logprobs_non_streamed(sdk: openai.OpenAI, gateway: GatewayTarget) -> No
         assert e.top_logprobs[0].bytes == e.bytes and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
 
 
-def test_logprobs_streamed_match_non_streamed(sdk: openai.OpenAI) -> None:
+def test_logprobs_streamed_match_non_streamed(sdk: openai.OpenAI, greedy_logprobs: Any) -> None:
     model = _model(sdk)
-    whole = sdk.chat.completions.create(model=model, messages=ASK, logprobs=True, **GREEDY)
+    whole = greedy_logprobs
     stream = sdk.chat.completions.create(
         model=model,
         messages=ASK,
@@ -152,9 +158,9 @@ def test_no_logprobs_unless_asked(sdk: openai.OpenAI) -> None:
     assert r.usage.prompt_tokens_details is not None and r.usage.prompt_tokens_details.cached_tokens == 0
 
 
-def test_logit_bias_bans_and_forces(sdk: openai.OpenAI, tokenizer: Any) -> None:
+def test_logit_bias_bans_and_forces(sdk: openai.OpenAI, tokenizer: Any, greedy_logprobs: Any) -> None:
     model = _model(sdk)
-    first = sdk.chat.completions.create(model=model, messages=ASK, logprobs=True, **GREEDY)
+    first = greedy_logprobs
     top = first.choices[0].logprobs.content[0]
     top_id = tokenizer.token_to_id(bytes(top.bytes).decode().replace(" ", "\u2581"))
     assert top_id is not None

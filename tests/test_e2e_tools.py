@@ -92,53 +92,50 @@ def collect_stream(chunks: list[Any]) -> tuple[str, list[dict[str, Any]], str | 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
-def test_forced_tool_call(gateway: GatewayTarget, sdk: openai.OpenAI, tool_choice: Any, stream: bool) -> None:
-    allowed = {"get_weather"} if isinstance(tool_choice, dict) else set(SCHEMAS)
-    kwargs: dict[str, Any] = {
+def check_forced(
+    sdk: openai.OpenAI, kwargs: dict[str, Any], allowed: set[str]
+) -> tuple[list[Any], list[Any]]:
+    """One forced call, plain and streamed: both in OpenAI's tool-call shape, no call text in `content`.
+    Returns (plain calls, streamed calls)."""
+    completion = sdk.chat.completions.create(**kwargs)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    plain = choice.message.tool_calls or []
+    assert plain and not choice.message.content
+    for call in plain:
+        assert call.type == "function" and call.id.startswith("call_")
+        check_call(call.function.name, call.function.arguments, allowed)
+    content, streamed, finish = collect_stream(list(sdk.chat.completions.create(stream=True, **kwargs)))
+    assert finish == "tool_calls"
+    assert content == ""  # the raw call text never leaks into content
+    assert streamed
+    for call in streamed:
+        check_call(call["name"], call["arguments"], allowed)
+    return plain, streamed
+
+
+def _forced(gateway: GatewayTarget, tool_choice: Any, **extra: Any) -> dict[str, Any]:
+    return {
         "model": gateway.model,
         "messages": ASK,
         "tools": TOOLS,
         "tool_choice": tool_choice,
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
+        **extra,
     }
-    if tool_choice == "required":
-        # One call at most (the guide gets maxItems 1): the base model would otherwise list calls until
-        # max_tokens. A named tool_choice is one call by definition.
-        kwargs["parallel_tool_calls"] = False
-    if not stream:
-        completion = sdk.chat.completions.create(**kwargs)
-        choice = completion.choices[0]
-        assert choice.finish_reason == "tool_calls", choice
-        calls = choice.message.tool_calls or []
-        assert calls and not choice.message.content
-        for call in calls:
-            assert call.type == "function" and call.id.startswith("call_")
-            check_call(call.function.name, call.function.arguments, allowed)
-        if isinstance(tool_choice, dict):
-            assert len(calls) == 1
-        return
-    content, calls, finish = collect_stream(list(sdk.chat.completions.create(stream=True, **kwargs)))
-    assert finish == "tool_calls"
-    assert content == ""  # the raw call text never leaks into content
-    assert calls
-    for call in calls:
-        check_call(call["name"], call["arguments"], allowed)
 
 
-def test_streamed_and_plain_calls_agree(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
-    kwargs: dict[str, Any] = {
-        "model": gateway.model,
-        "messages": ASK,
-        "tools": TOOLS,
-        "tool_choice": NAMED,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-    }
-    plain = sdk.chat.completions.create(**kwargs).choices[0].message.tool_calls or []
-    _, streamed, _ = collect_stream(list(sdk.chat.completions.create(stream=True, **kwargs)))
+def test_forced_tool_call_required(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
+    # One call at most (the guide gets maxItems 1): the base model would otherwise list calls until
+    # max_tokens.
+    check_forced(sdk, _forced(gateway, "required", parallel_tool_calls=False), set(SCHEMAS))
+
+
+def test_forced_named_tool_call_streamed_and_plain_agree(gateway: GatewayTarget, sdk: openai.OpenAI) -> None:
+    # A named tool_choice is one call by definition; greedy, so streamed and plain calls are the same.
+    plain, streamed = check_forced(sdk, _forced(gateway, NAMED), {"get_weather"})
+    assert len(plain) == 1
     assert [(c.function.name, c.function.arguments) for c in plain] == [
         (c["name"], c["arguments"]) for c in streamed
     ]
