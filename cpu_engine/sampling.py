@@ -50,16 +50,13 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """`probs` with only the smallest set of most likely tokens whose mass reaches `top_p` kept (the top
     token always), unnormalised.
 
-    Sorting the whole vocabulary every step costs more than a decode step's forward for one row, so the
-    candidates come from a partial sort; when their mass falls short of `top_p`, no token outside them
-    can be kept either way, or the full sort decides.
+    Sorting the whole vocabulary for every sampled row of every step costs, with several rows, about as
+    much as the step's forward, so the candidates come from a partial sort: once their mass reaches
+    `top_p`, no token outside them can be kept; otherwise the full sort decides.
     """
-    if probs.numel() > NUCLEUS_CANDIDATES:
-        top = torch.topk(probs, NUCLEUS_CANDIDATES)
-        sorted_p, order = top.values, top.indices
-        if float(sorted_p.sum()) < top_p:
-            sorted_p, order = torch.sort(probs, descending=True)
-    else:
+    candidates = min(NUCLEUS_CANDIDATES, probs.numel())
+    sorted_p, order = torch.topk(probs, candidates)  # best first
+    if candidates < probs.numel() and float(sorted_p.sum()) < top_p:
         sorted_p, order = torch.sort(probs, descending=True)
     keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the top token
     return torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
