@@ -5,6 +5,9 @@ plain row-major weights, the BLAS re-lays them out for its kernels on every call
 comes in, and for Gemma's tied LM head (the whole vocabulary) that costs more than the multiply itself:
 batching requests then hardly pays. Packed once, the same float32 multiply reads the weights as they are.
 The dtype does not change; only the order of the float32 additions may differ from `torch.nn.Linear`.
+The activations stay ordinary dense tensors: converting them to and from oneDNN tensors around each of
+a step's hundred-odd small multiplies cost a fifth of a one-row step (`_linear_pointwise` is the op
+PyTorch's own compiler emits for packed weights, and takes dense input).
 (`make bench` measures it: the reference engine's steps at 1 and 8 rows against plain layers.)
 """
 
@@ -16,8 +19,12 @@ __all__ = ["PackedLinear", "available", "pack_linears"]
 
 
 def available() -> bool:
-    """oneDNN is compiled into this torch build (every official x86 and aarch64 CPU wheel has it)."""
-    return bool(torch.backends.mkldnn.is_available())
+    """oneDNN and its packed-weight linear ops are in this torch build (every official x86 and aarch64
+    CPU wheel has them; they are private ops, so a build without them falls back to plain layers)."""
+    ops = torch.ops.mkldnn
+    return bool(torch.backends.mkldnn.is_available()) and all(
+        hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise")
+    )
 
 
 class PackedLinear(torch.nn.Module):
@@ -27,19 +34,17 @@ class PackedLinear(torch.nn.Module):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach().float()
         bias: torch.Tensor | None = getattr(linear, "bias", None)  # typed as always set; it is not
-        if bias is not None:
-            bias = bias.detach().float()
-        # Plain attributes, not buffers: packed tensors have no storage for state_dict or .to() to use.
-        self.packed_weight = weight.to_mkldnn()
-        self.packed_bias = None if bias is None else bias.to_mkldnn()
+        # A plain attribute, not a buffer: a packed tensor has no storage for state_dict or .to() to use.
+        # No batch-size hint: the layout then suits one row and a step's worth of rows alike.
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float())
+        self.bias = None if bias is None else bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).float().contiguous().to_mkldnn()
-        y = torch._C._nn.mkldnn_linear(flat, self.packed_weight, self.packed_bias).to_dense()
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.float().contiguous(), self.packed_weight, self.bias, "none", [], ""
+        )
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"

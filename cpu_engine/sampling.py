@@ -32,31 +32,36 @@ def apply_penalties(
 
 
 def sample_top_k_top_p(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    logits = logits / max(s.temperature, 1e-5)
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if 0.0 < s.top_p < 1.0:
-        probs = nucleus(probs, s.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    probs, ids = sampling_distribution(logits, s)
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])
 
 
 # The nucleus almost always lies within this many of the most likely tokens (with top-k, within k).
 NUCLEUS_CANDIDATES = 1024
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`probs` with only the smallest set of most likely tokens whose mass reaches `top_p` kept (the top
-    token always), unnormalised.
+def sampling_distribution(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens `s` may sample from one row of logits and their probabilities (unnormalised once top-p
+    has cut them): temperature, then top-k, then the top-p nucleus, as TensorRT-LLM applies them.
 
-    Sorting the whole vocabulary for every sampled row of every step costs, with several rows, about as
-    much as the step's forward, so the candidates come from a partial sort: once their mass reaches
-    `top_p`, no token outside them can be kept; otherwise the full sort decides.
+    Why candidates: sorting, masking or drawing from the whole vocabulary for every sampled row of every
+    step costs, with several rows, about as much as the step's forward. Top-k keeps k tokens, and the
+    nucleus almost always lies within the few most likely ones: once their mass reaches `top_p`, no token
+    outside them can be kept. Only a flat distribution (or no truncation at all) takes the whole vocabulary.
     """
-    candidates = min(NUCLEUS_CANDIDATES, probs.numel())
-    sorted_p, order = torch.topk(probs, candidates)  # best first
-    if candidates < probs.numel() and float(sorted_p.sum()) < top_p:
-        sorted_p, order = torch.sort(probs, descending=True)
-    keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the top token
-    return torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    scaled = logits / max(s.temperature, 1e-5)
+    top_p = s.top_p if 0.0 < s.top_p < 1.0 else 1.0
+    if s.top_k > 0:
+        values, ids = torch.topk(scaled, min(s.top_k, scaled.numel()))  # best first
+        probs = torch.softmax(values, dim=-1)
+    elif top_p == 1.0:  # no truncation: the whole vocabulary, in any order
+        return torch.softmax(scaled, dim=-1), torch.arange(scaled.numel())
+    else:
+        values, ids = torch.topk(scaled, min(NUCLEUS_CANDIDATES, scaled.numel()))
+        probs = torch.exp(values - torch.logsumexp(scaled, dim=-1))  # their share of the whole vocabulary
+        if float(probs.sum()) < top_p:  # a flat distribution: the nucleus reaches past them
+            probs, ids = torch.sort(torch.softmax(scaled, dim=-1), descending=True)
+    if top_p < 1.0:
+        keep = torch.cumsum(probs, dim=-1) - probs < top_p  # always keeps the top token
+        probs, ids = probs[keep], ids[keep]
+    return probs, ids
