@@ -622,8 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="re-render docs from the last results")
     parser.add_argument(
         "--only",
-        choices=("logprobs",),
-        help="run this phase alone and merge it into the last results (re-rendered if they are complete)",
+        choices=("logprobs", "real"),
+        help="run this phase alone and merge it into the last results (re-rendered if they are complete); "
+        "`real`: the real-model phases (engine steps, reference engine, bare generate, llama.cpp) into "
+        "their own file, never merged: the docs' figures all come from one session",
     )
     args = parser.parse_args(argv)
     # `kill` must still stop the servers (the `serve` context managers), as Ctrl-C does.
@@ -674,17 +676,26 @@ def render_report(results_file: Path, out_md: Path) -> None:
 
 
 def run_only(phase: str, pa: loads.PerfAnalyzer, cfg: Config, results_file: Path, t0: float) -> int:
-    """One phase alone, merged into the last full results (docs re-rendered) or kept on its own."""
+    """One phase alone: `logprobs` merged into the last full results (docs re-rendered), `real` kept in
+    its own file."""
     from build_engine.cpu import prepare
     from gemma3_core.chat_template import render_chat
 
     art = prepare()
     prompts = [render_chat([{"role": "user", "content": m}]) for m in MESSAGES]
+    if phase == "real":
+        phase_engine_steps(cfg, str(art.hf_dir))
+        phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
+        phase_bare(cfg, prompts, str(art.hf_dir))
+        phase_llama_cpp(cfg, prompts, str(art.gguf))
+        out = WORK / "real-alone.json"
+        out.write_text(json.dumps(cfg.results, indent=1))
+        log(f"wrote {out} in {time.monotonic() - t0:.0f} s")
+        return 0
     if results_file.exists():
         cfg.results = json.loads(results_file.read_text())
     cfg.results.setdefault("config", {"fast_double_tokens": cfg.fd_tokens})
-    if phase == "logprobs":
-        phase_logprobs(pa, cfg, prompts, str(art.tokenizer_dir))
+    phase_logprobs(pa, cfg, prompts, str(art.tokenizer_dir))
     cfg.results[phase]["measured_alone"] = machine_facts(pa)  # not in the full run's session
     results_file.write_text(json.dumps(cfg.results, indent=1))
     if "fast_double_paced" in cfg.results:

@@ -126,12 +126,14 @@ class ReferenceEngine:
         max_active: int = 8,
         lora_hooks: Any = None,
         prefill_chunk: int = 256,
+        gather_ms: float = 0.0,
     ) -> None:
         self.model = model.eval()
         self.vocab_size = vocab_size
         self.max_active = max_active
         self.lora_hooks = lora_hooks
         self.prefill_chunk = prefill_chunk
+        self.gather_s = gather_ms / 1e3
         embed = model.get_input_embeddings()
         if not isinstance(embed, torch.nn.Embedding):
             raise TypeError(f"expected an embedding table, the model has {type(embed).__name__}")
@@ -188,6 +190,22 @@ class ReferenceEngine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        if block and self._waiting and self.gather_s > 0:
+            self._gather()
+
+    def _gather(self) -> None:
+        """Idle, a request came in: wait while more keep arriving (each within `gather_s` of the last,
+        at most four times that in all), so a burst is prefilled in one forward, not one request alone
+        and then the rest. (vLLM's scheduler delay and Triton's batching queue delay do the same.)"""
+        deadline = time.monotonic() + 4 * self.gather_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._inbox.get(timeout=min(self.gather_s, left))
+            except queue.Empty:
+                return
+            if item is None:  # shutdown
+                return
+            self._waiting.append(item)
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self._waiting if r.is_cancelled()]:

@@ -225,3 +225,27 @@ def test_cancelled_row_leaves_others_untouched(engine: ReferenceEngine, corpus: 
     _wait([cancelled, other])
     assert 3 <= len(cancelled.tokens) < 200
     assert other.tokens == alone.tokens
+
+
+@pytest.mark.parametrize("gather_ms", [0.0, 100.0])
+def test_idle_engine_gathers_a_burst_into_one_prefill(
+    hf_model: torch.nn.Module, tokenizer: Any, gather_ms: float
+) -> None:
+    """Requests arriving a few ms apart at an idle engine: prefilled together when it gathers, the
+    first alone (and the rest after it) when it does not."""
+    eng = ReferenceEngine(hf_model, vocab_size=VOCAB, max_active=8, gather_ms=gather_ms)
+    seen: list[int] = []
+    prefill_step = eng._prefill_step
+    eng._prefill_step = lambda job: (seen.append(len(job.rows)), prefill_step(job))[1]  # type: ignore[method-assign]
+    try:
+        prompt = encode(tokenizer, render_chat([{"role": "user", "content": "Say hi."}]))
+        outs = []
+        for _ in range(4):
+            outs.append(_submit(eng, dict(input_ids=prompt, max_new_tokens=2, end_id=C.END_OF_TURN_ID)))
+            time.sleep(0.01)
+        _wait(outs)
+        assert all(o.tokens == outs[0].tokens for o in outs)
+    finally:
+        eng.shutdown()
+    assert sum(seen) == 4
+    assert seen == [4] if gather_ms else seen[0] == 1

@@ -36,6 +36,7 @@ class TritonPythonModel:
             max_active=int(param(config, "max_active_requests", "8")),
             lora_hooks=self.lora_hooks,
             prefill_chunk=int(param(config, "prefill_chunk_tokens", "256")),
+            gather_ms=float(param(config, "prefill_gather_ms", "0")),
         )
 
     def execute(self, requests: list) -> None:
