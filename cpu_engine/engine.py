@@ -15,9 +15,9 @@ and out) so it can be tested directly. Semantics follow TensorRT-LLM where the c
 Requests are served in flight, like TensorRT-LLM's inflight batching: every step runs ONE decode forward
 over all running requests (rows of a right-aligned padded KV batch, `kv_batch.PaddedKV`, each with its own
 positions, LoRA adapter and sampling), plus at most one prefill forward for newly arrived requests. Short
-prompts arriving together are prefilled together; a prompt longer than `prefill_chunk` tokens is prefilled
-one chunk per step, so running requests keep producing a token every step. A cancelled request is dropped
-at its next step.
+prompts arriving together are prefilled together (an idle engine waits `gather_ms` for a burst to finish
+arriving); a prompt longer than `prefill_chunk` tokens is prefilled one chunk per step, so running
+requests keep producing a token every step. A cancelled request is dropped at its next step.
 """
 
 from __future__ import annotations
