@@ -44,13 +44,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import loads  # noqa: E402
 from stack.procstat import ProcessGroup, component, delta  # noqa: E402
+
+if TYPE_CHECKING:
+    from build_engine.cpu import CpuArtifacts
 
 BENCH_VENV = REPO / ".venv-bench"
 BENCH_REQUIREMENTS = REPO / "benchmarks" / "requirements-bench.txt"
@@ -553,6 +556,15 @@ def phase_llama_cpp(cfg: Config, prompts: list[str], gguf: str) -> None:
 # --- environment facts --------------------------------------------------------------------------------
 
 
+def phases_real_model(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], art: CpuArtifacts) -> None:
+    """The phases on the real Gemma 3 270M: engine steps, the reference engine served, bare generate,
+    llama.cpp."""
+    phase_engine_steps(cfg, str(art.hf_dir))
+    phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
+    phase_bare(cfg, prompts, str(art.hf_dir))
+    phase_llama_cpp(cfg, prompts, str(art.gguf))
+
+
 def phase_scale_out(cfg: Config) -> None:
     """benchmarks/scale_out.py's three measurements, each in its own processes (servers start and stop)."""
     log("phase 6: scale-out (3 replicas vs 1, gateway workers, gateway over the gRPC floor)")
@@ -656,10 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_logprobs(pa, cfg, prompts, str(art.tokenizer_dir))
         phase_scale_out(cfg)
         if not args.skip_real:
-            phase_engine_steps(cfg, str(art.hf_dir))
-            phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
-            phase_bare(cfg, prompts, str(art.hf_dir))
-            phase_llama_cpp(cfg, prompts, str(art.gguf))
+            phases_real_model(pa, cfg, prompts, art)
         cfg.results["elapsed_s"] = round(time.monotonic() - t0, 1)
         results_file.write_text(json.dumps(cfg.results, indent=1))
     render_report(results_file, cfg.out_md)
@@ -684,10 +693,7 @@ def run_only(phase: str, pa: loads.PerfAnalyzer, cfg: Config, results_file: Path
     art = prepare()
     prompts = [render_chat([{"role": "user", "content": m}]) for m in MESSAGES]
     if phase == "real":
-        phase_engine_steps(cfg, str(art.hf_dir))
-        phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
-        phase_bare(cfg, prompts, str(art.hf_dir))
-        phase_llama_cpp(cfg, prompts, str(art.gguf))
+        phases_real_model(pa, cfg, prompts, art)
         out = WORK / "real-alone.json"
         out.write_text(json.dumps(cfg.results, indent=1))
         log(f"wrote {out} in {time.monotonic() - t0:.0f} s")
