@@ -1,9 +1,11 @@
-"""The reference engine's model forwards alone: decode steps at 1 and 8 rows, plain against packed layers,
-for every thread count from 1 to the available cores. Prints one JSON document.
+"""The reference engine's model forwards alone: decode steps at 1 and 8 rows for each kind of linear
+layer (plain float32, packed float32, packed float16 weights), for every thread count from 1 to the
+available cores; and what float16 weights cost in fidelity against float32. Prints one JSON document.
 
 Run in its own process (`python -m benchmarks.engine_steps`) while no Triton is running, so it measures
-the model alone: which thread count the deployment should use, and what packing the linear layers
-(`cpu_engine/packed_linear.py`) buys once several requests share a step.
+the model alone: which thread count the deployment should use, what packing the linear layers
+(`cpu_engine/packed_linear.py`) buys once several requests share a step, and what halving the weights'
+bytes buys a memory-bound step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def _decode_ms(model: Any, rows: int, context: int, steps: int) -> float:
@@ -35,23 +40,52 @@ def _decode_ms(model: Any, rows: int, context: int, steps: int) -> float:
     return round(statistics.median(times[1:]) * 1e3, 2)
 
 
+# (layout name, load_model's weight_dtype, pack): `plain` is stock transformers in float32.
+LAYOUTS = (("plain", "float32", False), ("packed", "float32", True), ("packed-f16", "float16", True))
+
+
+def _fidelity(reference: Any, model: Any, ids: list[int], window: int) -> dict[str, Any]:
+    """`model` against `reference` on the same text, teacher-forced in windows of `window` tokens: how
+    often their most likely next tokens agree, and the mean KL divergence of their next-token
+    distributions (reference || model)."""
+    import torch
+
+    agree = total = 0
+    kl_sum = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window]])
+            ref = torch.log_softmax(reference(input_ids=chunk).logits[0].double(), -1)
+            got = torch.log_softmax(model(input_ids=chunk).logits[0].double(), -1)
+            agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+            total += ref.shape[0]
+            kl_sum += float((ref.exp() * (ref - got)).sum())
+    return {"positions": total, "top1_agreement": round(agree / total, 5), "mean_kl": kl_sum / total}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--tokenizer-dir", help="default: the model directory")
     parser.add_argument("--rows", default="1,8")
     parser.add_argument("--context", type=int, default=128, help="cached tokens per row")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--fidelity-text", default=str(DOCS / "architecture.md"), help="text float16 weights are judged on"
+    )
+    parser.add_argument("--fidelity-tokens", type=int, default=2048)
     args = parser.parse_args(argv)
 
     import torch
 
     from cpu_engine.engine import available_cores, load_model
+    from gemma3_core.tokenizer import encode, load_tokenizer
 
     cores = available_cores()
     rows = [int(r) for r in args.rows.split(",")]
     results: list[dict[str, Any]] = []
-    for layout in ("plain", "packed"):
-        model = load_model(args.model_dir, threads=cores, pack=layout == "packed")
+    for layout, weight_dtype, pack in LAYOUTS:
+        model = load_model(args.model_dir, threads=cores, weight_dtype=weight_dtype, pack=pack)
         for threads in range(1, cores + 1):
             torch.set_num_threads(threads)
             for n in rows:
@@ -59,7 +93,19 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"layout": layout, "threads": threads, "rows": n, "ms_per_step": ms})
                 print(f"{layout} threads={threads} rows={n}: {ms} ms/step", file=sys.stderr, flush=True)
         del model
-    json.dump({"cores": cores, "context": args.context, "steps": args.steps, "runs": results}, sys.stdout)
+    torch.set_num_threads(cores)
+    text = Path(args.fidelity_text).read_text(encoding="utf-8")
+    ids = encode(load_tokenizer(args.tokenizer_dir or args.model_dir), text)[: args.fidelity_tokens]
+    fidelity = _fidelity(
+        load_model(args.model_dir, weight_dtype="float32", pack=False),
+        load_model(args.model_dir, weight_dtype="float16", pack=False),
+        ids,
+        window=512,
+    )
+    fidelity["text"] = Path(args.fidelity_text).name
+    print(f"float16 weights against float32: {fidelity}", file=sys.stderr, flush=True)
+    report = {"cores": cores, "context": args.context, "steps": args.steps, "runs": results}
+    json.dump(report | {"fidelity_float16": fidelity}, sys.stdout)
     return 0
 
 

@@ -252,27 +252,32 @@ def logprobs_section(lp: dict[str, Any] | None) -> list[str]:
 
 
 def engine_steps_section(es: dict[str, Any] | None) -> list[str]:
-    """Phase 3a: decode-step cost by thread count and layer layout (benchmarks/engine_steps.py)."""
+    """Phase 3a: decode-step cost by thread count and kind of layer, and float16's fidelity
+    (benchmarks/engine_steps.py)."""
     if not es:
         return []
     ms = {(r["layout"], r["threads"], r["rows"]): r["ms_per_step"] for r in es["runs"]}
+    layouts = list(dict.fromkeys(r["layout"] for r in es["runs"]))
     threads = sorted({t for _, t, _ in ms})
     rows = sorted({n for _, _, n in ms})
+    served = layouts[-1]  # engine_steps measures the engine's own layers last
     L = [
-        "## Reference engine: one decode step by thread count and layer layout",
+        "## Reference engine: one decode step by thread count and kind of layer",
         "",
         f"The model's forward alone (no server), {es['context']} cached tokens per row, median of "
-        f"{es['steps']} steps; {es['cores']} cores available. `packed` = linear layers packed once for "
-        "oneDNN (`cpu_engine/packed_linear.py`, what the engine runs), `plain` = `torch.nn.Linear`.",
+        f"{es['steps']} steps; {es['cores']} cores available. `plain` = `torch.nn.Linear` in float32, "
+        "`packed` = float32 weights packed once for oneDNN, `packed-f16` = float16 weights packed for "
+        "FBGEMM's kernel, float32 activations (`cpu_engine/packed_linear.py`; what the engine serves by "
+        "default).",
         "",
-        "| layout | threads | "
+        "| layers | threads | "
         + " | ".join(f"{n} row(s): ms/step" for n in rows)
         + " | "
         + " | ".join(f"{n} row(s): row-tokens/s" for n in rows)
         + " |",
         "|---|---|" + "---|" * (2 * len(rows)),
     ]
-    for layout in ("plain", "packed"):
+    for layout in layouts:
         for t in threads:
             vals = [ms.get((layout, t, n)) for n in rows]
             L.append(
@@ -282,13 +287,26 @@ def engine_steps_section(es: dict[str, Any] | None) -> list[str]:
                 + " | ".join(fmt(n * 1000 / v if v else None) for n, v in zip(rows, vals, strict=True))
                 + " |"
             )
-    best = max(threads, key=lambda t: sum(1 / ms[("packed", t, n)] for n in rows if ("packed", t, n) in ms))
-    gains = ", ".join(
-        f"{n} row(s) {fmt(ms[('plain', best, n)] / ms[('packed', best, n)], 2)}×"
-        for n in rows
-        if ("plain", best, n) in ms and ("packed", best, n) in ms
+    best = max(threads, key=lambda t: sum(1 / ms[(served, t, n)] for n in rows if (served, t, n) in ms))
+    gains = "; ".join(
+        f"over {other}: "
+        + ", ".join(
+            f"{n} row(s) {fmt(ms[(other, best, n)] / ms[(served, best, n)], 2)}×"
+            for n in rows
+            if (other, best, n) in ms and (served, best, n) in ms
+        )
+        for other in layouts[:-1]
     )
-    L += ["", f"Fastest thread count (packed): {best}. Packed over plain at {best} thread(s): {gains}.", ""]
+    L += ["", f"Fastest thread count ({served}): {best}. At {best} thread(s), {served} {gains}.", ""]
+    fid = es.get("fidelity_float16")
+    if fid:
+        L += [
+            f"Fidelity of float16 weights against float32 (transformers, teacher-forced over "
+            f"{fid['positions']} tokens of `{fid['text']}`): the most likely next token agrees at "
+            f"{fmt(100 * fid['top1_agreement'], 2)}% of positions; mean KL(float32 ‖ float16) "
+            f"{fid['mean_kl']:.2e} nats.",
+            "",
+        ]
     return L
 
 

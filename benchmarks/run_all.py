@@ -477,9 +477,17 @@ def phase_real(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], tokenize
     cfg.results["real"] = {"runs": runs}
 
 
-def phase_engine_steps(cfg: Config, hf_dir: str) -> None:
-    log("phase 3a: the engine's decode steps alone (threads, packed layers)")
-    cmd = [sys.executable, "-m", "benchmarks.engine_steps", "--model-dir", hf_dir]
+def phase_engine_steps(cfg: Config, hf_dir: str, tokenizer_dir: str) -> None:
+    log("phase 3a: the engine's decode steps alone (threads, kinds of layers, float16 fidelity)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.engine_steps",
+        "--model-dir",
+        hf_dir,
+        "--tokenizer-dir",
+        tokenizer_dir,
+    ]
     out = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
@@ -559,7 +567,7 @@ def phase_llama_cpp(cfg: Config, prompts: list[str], gguf: str) -> None:
 def phases_real_model(pa: loads.PerfAnalyzer, cfg: Config, prompts: list[str], art: CpuArtifacts) -> None:
     """The phases on the real Gemma 3 270M: engine steps, the reference engine served, bare generate,
     llama.cpp."""
-    phase_engine_steps(cfg, str(art.hf_dir))
+    phase_engine_steps(cfg, str(art.hf_dir), str(art.tokenizer_dir))
     phase_real(pa, cfg, prompts, str(art.tokenizer_dir))
     phase_bare(cfg, prompts, str(art.hf_dir))
     phase_llama_cpp(cfg, prompts, str(art.gguf))

@@ -18,6 +18,10 @@ positions, LoRA adapter and sampling), plus at most one prefill forward for newl
 prompts arriving together are prefilled together (an idle engine waits `gather_ms` for a burst to finish
 arriving); a prompt longer than `prefill_chunk` tokens is prefilled one chunk per step, so running
 requests keep producing a token every step. A cancelled request is dropped at its next step.
+
+The model computes in float32 over weights stored in the deployment's `weight_dtype` (`load_model`;
+`packed_linear` says why float16 is the default); the engine thread alone runs torch's parallel ops
+(`load_off_thread`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +46,19 @@ from cpu_engine.sampling import Sampling, apply_penalties, ban_bad_words, sample
 
 log = logging.getLogger("cpu_engine")
 
+# Weights the engine serves unless its config says otherwise (`weight_dtype`): float16 halves what a decode
+# step reads, at the cost `make bench` reports against float32 (packed_linear explains the kernel).
+DEFAULT_WEIGHT_DTYPE = "float16"
+
 __all__ = [
+    "DEFAULT_WEIGHT_DTYPE",
     "EngineRequestError",
     "GenerationRequest",
     "ReferenceEngine",
     "Sampling",
     "available_cores",
     "load_model",
+    "load_off_thread",
 ]
 
 
@@ -127,8 +138,10 @@ class ReferenceEngine:
         lora_hooks: Any = None,
         prefill_chunk: int = 256,
         gather_ms: float = 0.0,
+        threads: int | None = None,
     ) -> None:
         self.model = model.eval()
+        self.threads = threads  # torch threads of the engine thread (None: as the process has them)
         self.vocab_size = vocab_size
         self.max_active = max_active
         self.lora_hooks = lora_hooks
@@ -161,6 +174,8 @@ class ReferenceEngine:
 
     # --- loop --------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # this thread's own OpenMP team (see load_off_thread)
         with torch.inference_mode():
             while not self._stop.is_set():
                 self._admit(block=not (self._rows or self._prefill or self._waiting))
@@ -451,13 +466,41 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def load_model(hf_dir: str, threads: int | None = None, *, pack: bool = True) -> torch.nn.Module:
-    """The HF checkpoint in float32, its linear layers packed for oneDNN (`packed_linear`) unless `pack`
-    is False; torch uses `threads` threads (default: every available core)."""
+def load_model(
+    hf_dir: str,
+    threads: int | None = None,
+    *,
+    weight_dtype: str = DEFAULT_WEIGHT_DTYPE,
+    pack: bool = True,
+) -> torch.nn.Module:
+    """The HF checkpoint computing in float32 with its weights rounded to `weight_dtype`, its linear
+    layers packed (`packed_linear`) unless `pack` is False: unpacked, it is the plain transformers model
+    over the same weights, which tests take their references from. torch uses `threads` threads
+    (default: every available core)."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads or available_cores())
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    if pack and packed_linear.available():
-        packed_linear.pack_linears(model)
+    packed_linear.round_weights(model, weight_dtype)
+    if pack:
+        packed_linear.pack_linears(model, weight_dtype)
     return model
+
+
+def load_off_thread(
+    hf_dir: str, *, threads: int, weight_dtype: str = DEFAULT_WEIGHT_DTYPE
+) -> torch.nn.Module:
+    """`load_model` run in a thread that ends with it; the calling thread is left to compute with one
+    thread, so an engine started from it (`ReferenceEngine(threads=...)`) owns the process's only pool.
+
+    Why: every thread that runs a parallel torch op keeps an OpenMP (libgomp) pool of its own, and once a
+    process holds more OpenMP threads than cores, libgomp stops its idle threads spinning: each parallel
+    op then waits for a wake-up. A pool left behind by the loading thread (the Triton stub's, which then
+    only marshals requests) slowed the engine thread's one-row decode step more than twice over.
+    """
+    torch.set_num_threads(1)
+    # torch settles a thread's count from the process default on its first parallel op: settle this
+    # one's now, before the loader sets the default to `threads`.
+    torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-model") as pool:
+        return pool.submit(load_model, hf_dir, threads, weight_dtype=weight_dtype).result()

@@ -10,10 +10,13 @@ identical. A cancelled request leaves the others untouched.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,3 +252,39 @@ def test_idle_engine_gathers_a_burst_into_one_prefill(
         eng.shutdown()
     assert sum(seen) == 4
     assert seen == [4] if gather_ms else seen[0] == 1
+
+
+_SERVING_THREADS = """
+import sys, torch
+from cpu_engine.engine import GenerationRequest, ReferenceEngine, load_off_thread
+from cpu_engine.packed_linear import HalfWeightLinear
+
+model = load_off_thread(sys.argv[1], threads=2)
+caller = torch.get_num_threads()
+seen = []
+engine = ReferenceEngine(model, vocab_size=int(sys.argv[2]), threads=2)
+done = __import__("threading").Event()
+engine.submit(GenerationRequest(
+    input_ids=[2, 818], max_new_tokens=1,
+    sink=lambda new, final, error: (seen.append(torch.get_num_threads()), final and done.set()),
+))
+assert done.wait(120)
+engine.shutdown()
+print(caller, seen[-1], type(model.lm_head).__name__)
+"""
+
+
+def test_served_model_computes_in_the_engine_thread_only(cpu_artifacts: CpuArtifacts) -> None:
+    """As the Triton model serves it: loaded by a passing thread, the calling thread left with one torch
+    thread (it only marshals requests), the engine thread with its own count (load_off_thread says why:
+    a second OpenMP pool slows every parallel op of the engine's). A process of its own: thread counts
+    are process state."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVING_THREADS, str(cpu_artifacts.hf_dir), str(VOCAB)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "2", "HalfWeightLinear"]

@@ -328,7 +328,7 @@ def test_greedy_matches_transformers(
     )
     tok = load_tokenizer(triton.tokenizer_dir)
     ids = encode(tok, render_chat(CARD_MESSAGES))
-    model = request.getfixturevalue("hf_model")  # tests/fixtures/triton.py: the same checkpoint, float32
+    model = request.getfixturevalue("hf_model")  # tests/fixtures/triton.py: the weights the engine serves
     generated = hf_greedy(model, ids, max_tokens)  # stop tokens decode to no text
     expected = ByteDetokenizer(tok).token_bytes(generated).decode("utf-8", errors="replace")
     assert completion.choices[0].message.content == expected

@@ -47,8 +47,8 @@ def lora_setup(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory)
     local_only(gateway, "makes adapters for the local base model and serves them from a second gateway")
     import peft
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from cpu_engine.engine import load_model
     from gemma3_core.chat_template import render_chat
     from gemma3_core.detokenize import ByteDetokenizer
     from gemma3_core.tokenizer import encode, load_tokenizer
@@ -65,7 +65,8 @@ def lora_setup(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("lora") / "adapters"
     expected: dict[str, str] = {}
     for name, seed in ADAPTER_SEEDS.items():
-        model = AutoModelForCausalLM.from_pretrained(triton.hf_model_dir, dtype=torch.float32).eval()
+        # Stock transformers layers over the weights the local engine serves (its default weight dtype).
+        model = load_model(triton.hf_model_dir, pack=False)
         if triton.model_id not in expected:
             expected[triton.model_id] = greedy_text(model)
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)

@@ -230,3 +230,13 @@ def test_cpu_engine_honours_the_gpu_engine_parameters(tmp_path: Path) -> None:
     )
     assert as_read.exclude_input_in_output is (gpu["exclude_input_in_output"] == "true")
     assert as_read.max_beam_width == int(gpu["max_beam_width"])
+
+
+def test_cpu_engine_serves_the_weights_tests_take_references_from(tmp_path: Path) -> None:
+    """Greedy references (tests/fixtures/triton.py::hf_model) come from load_model's default weight
+    dtype: the rendered reference engine must serve that dtype."""
+    from cpu_engine.engine import DEFAULT_WEIGHT_DTYPE
+    from cpu_engine.packed_linear import WEIGHT_DTYPES
+
+    assert DEFAULT_WEIGHT_DTYPE in WEIGHT_DTYPES
+    assert _engine_parameters("cpu", tmp_path)["weight_dtype"] == DEFAULT_WEIGHT_DTYPE

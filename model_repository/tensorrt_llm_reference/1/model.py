@@ -11,7 +11,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cpu_engine.deployment import EngineParameters
-from cpu_engine.engine import GenerationRequest, ReferenceEngine, TokenLogProbs, load_model
+from cpu_engine.engine import (
+    DEFAULT_WEIGHT_DTYPE,
+    GenerationRequest,
+    ReferenceEngine,
+    TokenLogProbs,
+    available_cores,
+    load_off_thread,
+)
 from cpu_engine.lora_hooks import LoraHooks
 from triton_io.contract import TOP_LOG_PROBS_K, Engine
 from triton_io.engine_request import EngineRequest
@@ -23,8 +30,13 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        threads = int(os.environ.get("REFERENCE_ENGINE_THREADS", "0")) or None
-        model = load_model(param(config, "hf_model_dir"), threads=threads)
+        threads = int(os.environ.get("REFERENCE_ENGINE_THREADS", "0")) or available_cores()
+        # This thread only marshals tensors from here on: the engine thread computes (load_off_thread).
+        model = load_off_thread(
+            param(config, "hf_model_dir"),
+            threads=threads,
+            weight_dtype=param(config, "weight_dtype", DEFAULT_WEIGHT_DTYPE),
+        )
         self.max_seq_len = int(param(config, "max_seq_len"))
         self.parameters = EngineParameters.from_model_config(config)
         self.lora_hooks = LoraHooks(model)
@@ -37,6 +49,7 @@ class TritonPythonModel:
             lora_hooks=self.lora_hooks,
             prefill_chunk=int(param(config, "prefill_chunk_tokens", "256")),
             gather_ms=float(param(config, "prefill_gather_ms", "0")),
+            threads=threads,
         )
 
     def execute(self, requests: list) -> None:
