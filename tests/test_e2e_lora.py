@@ -1,6 +1,6 @@
 """LoRA end to end (issue 9): PEFT adapters on the real 270M model, served through the gateway and Triton.
 
-Two synthetic adapters (r=8 on q_proj/v_proj, random lora_B from fixed seeds so outputs differ visibly)
+Two synthetic adapters (r=8 on q_proj/v_proj, random weights from fixed seeds so outputs differ visibly)
 are saved with PEFT into a temporary adapters directory; a second gateway (GATEWAY_LORA_DIR) runs in front
 of the session's Triton. The reference is PEFT's merged model generating greedily from the same rendered
 prompt. Triton carries FP16 LoRA tensors, so equality relies on no near-tie in the logits (docs/lora.md).
@@ -70,6 +70,7 @@ def lora_setup(gateway: GatewayTarget, tmp_path_factory: pytest.TempPathFactory)
         if triton.model_id not in expected:
             expected[triton.model_id] = greedy_text(model)
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        torch.manual_seed(seed)  # PEFT draws lora_A from torch's global generator: the same adapter every run
         adapted = peft.get_peft_model(model, config)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
