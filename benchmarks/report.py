@@ -301,7 +301,7 @@ def engine_steps_section(es: dict[str, Any] | None) -> list[str]:
     fid = es.get("fidelity_float16")
     if fid:
         L += [
-            f"Fidelity of float16 weights against float32 (transformers, teacher-forced over "
+            f"Fidelity of the served float16 layers against stock float32 transformers (teacher-forced over "
             f"{fid['positions']} tokens of `{fid['text']}`): the most likely next token agrees at "
             f"{fmt(100 * fid['top1_agreement'], 2)}% of positions; mean KL(float32 ‖ float16) "
             f"{fid['mean_kl']:.2e} nats.",

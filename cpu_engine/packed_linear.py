@@ -130,7 +130,7 @@ class HalfWeightLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=fbgemm-float16"
 
 
-def pack_linears(model: torch.nn.Module, weight_dtype: str = "float32") -> int:
+def pack_linears(model: torch.nn.Module, weight_dtype: str) -> int:
     """Replace every float32 `torch.nn.Linear` of `model` by a packed layer; how many were replaced.
 
     float16: `HalfWeightLinear` where FBGEMM is available (call `round_weights` first), else oneDNN's
